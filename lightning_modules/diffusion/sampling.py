@@ -1,0 +1,171 @@
+"""The reverse process (spec items 8, 10, 11, 15): reverse steps and the one sampler entry point.
+
+A step takes the raw network output at (x_t, t) and returns x_{t-1}, like a diffusers scheduler;
+the network never appears here except through the model callable of :func:`sample`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .guidance import ModelFn, check_guidance_weight, check_interval, guided_output, threshold_x0
+from .process import GaussianDiffusion, Prediction, as_prediction
+from .variance import VarianceChoice, get_variance, split_variance_output
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+@dataclass
+class ReverseMoments:
+    mean: torch.Tensor
+    log_variance: torch.Tensor
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+def p_mean_variance(
+    process: GaussianDiffusion,
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    prediction: str | Prediction = Prediction.EPS,
+    variance: str | VarianceChoice = "fixed_small",
+    threshold: str = "none",
+) -> ReverseMoments:
+    """Item 8: the moments of p_θ(x_{t-1} | x_t) from a raw network output.
+
+    The mean is μ̃_t at x̂_0 (item 3), which for an ε-model equals the ε-form mean of item 5; when
+    x̂_0 is clipped or thresholded, ε̂ is recomputed from it so the two stay consistent.
+    """
+    variance = get_variance(variance)
+    pred, v = split_variance_output(output, variance, x_t.shape[1])
+    eps, x0 = process.eps_x0_from_prediction(pred, prediction, x_t, t)
+    if threshold != "none":
+        x0 = threshold_x0(x0, threshold)
+        eps = process.predict_eps_from_x0(x_t, t, x0)
+    mean, _, _ = process.posterior_mean_variance(x0, x_t, t)
+    return ReverseMoments(mean, variance.log_variance(process, t, x_t, v), eps, x0)
+
+
+def _not_last(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def ancestral_step(moments: ReverseMoments, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Item 8: x_{t-1} = μ_θ + σ_t z, with z = 0 at the last step."""
+    return moments.mean + _not_last(t, noise) * (0.5 * moments.log_variance).exp() * noise
+
+
+def ddim_step(
+    process: GaussianDiffusion,
+    moments: ReverseMoments,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1-ᾱ_{t-1}-σ²) ε̂ + σ z with
+    σ = η √((1-ᾱ_{t-1})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t-1}); η = 1 gives σ² = β̃_t, the `fixed_small`
+    ancestral sampler, and η = 0 the deterministic sampler."""
+    ab = process.coef("alphas_cumprod", t, x_t)
+    ab_prev = process.coef("alphas_cumprod_prev", t, x_t)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * moments.eps
+    return ab_prev.sqrt() * moments.x0 + direction + _not_last(t, x_t) * sigma * noise
+
+
+def check_sampling_args(process: GaussianDiffusion, steps, sampler: str, eta: float) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+    if steps is not None and not (isinstance(steps, int) and 1 <= steps <= process.num_timesteps):
+        raise ValueError(
+            f"sampling steps must be an integer in [1, T={process.num_timesteps}], got {steps!r}"
+        )
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta!r}")
+
+
+def sample_progressive(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    variance: str | VarianceChoice = "fixed_small",
+    steps: int | None = None,
+    sampler: str = "ancestral",
+    eta: float = 0.0,
+    prediction: str | Prediction = Prediction.EPS,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    threshold: str = "none",
+    null_label: int | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, torch.Tensor, ReverseMoments]]:
+    """Yield (t, x_{t-1}, moments) after every reverse step; see :func:`sample` for the args."""
+    variance, prediction = get_variance(variance), as_prediction(prediction)
+    check_guidance_weight(guidance)
+    check_sampling_args(process, steps, sampler, eta)
+    interval = check_interval(guidance_interval)
+    if labels is not None and labels.shape != (shape[0],):
+        raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(labels.shape)}")
+    chain = process.respace(steps) if steps and steps < process.num_timesteps else process
+    device = (
+        torch.device(device)
+        if device is not None
+        else (noise.device if noise is not None else torch.device("cpu"))
+    )
+    x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+    if x.shape != tuple(shape):
+        raise ValueError(f"noise shape {tuple(x.shape)} != requested shape {tuple(shape)}")
+    pred_channels = x.shape[1]
+    timestep_map = chain.timestep_map.to(x.device)
+    T_train = int(process.timestep_map.max()) + 1
+    for i in reversed(range(chain.num_timesteps)):
+        t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+        out = guided_output(
+            model,
+            x,
+            timestep_map[t],
+            labels,
+            guidance,
+            null_label=null_label,
+            num_timesteps=T_train,
+            rescale=guidance_rescale,
+            interval=interval,
+            pred_channels=pred_channels,
+        )
+        moments = p_mean_variance(
+            chain, out, x, t, prediction=prediction, variance=variance, threshold=threshold
+        )
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if sampler == "ancestral":
+            x = ancestral_step(moments, t, z)
+        else:
+            x = ddim_step(chain, moments, x, t, z, eta)
+        yield i, x, moments
+
+
+def sample(
+    model: ModelFn, process: GaussianDiffusion, shape: tuple[int, ...], **kwargs
+) -> torch.Tensor:
+    """Draw samples x_0 from any model callable ``model(x_t, t, y) -> output``.
+
+    Args (keyword): ``labels`` (N,) class labels or None for an unconditional model;
+    ``guidance`` w (0 unconditional, 1 conditional, >1 extrapolates; needs ``null_label``);
+    ``variance`` ('fixed_small', 'fixed_large', 'learned_range'; ancestral sampler only);
+    ``steps`` K <= T sampling steps (respaced chain, item 15; None = all T);
+    ``sampler`` 'ancestral' or 'ddim' with ``eta`` (η = 1 is the fixed_small ancestral sampler);
+    ``prediction`` 'eps', 'x0' or 'v'; ``guidance_rescale`` φ; ``guidance_interval`` (lo, hi) as
+    fractions of T; ``threshold`` 'none', 'clip' or 'dynamic' for x̂_0; ``generator`` or
+    ``noise`` (the starting x_T) for reproducibility; ``device``.
+    """
+    *_, (_, x0, _) = sample_progressive(model, process, shape, **kwargs)
+    return x0
