@@ -1,0 +1,65 @@
+"""Evaluation metrics that make runs comparable.
+
+- `classifier`: a small CNN per image dataset, trained once per (dataset, seed) and cached; its
+  penultimate layer is the feature space of the image metrics.
+- `image_metrics`: FID (torchmetrics), improved precision/recall, guided accuracy.
+- `points_metrics`: sliced Wasserstein-2, energy distance and mode coverage for 2-D toy data.
+- `grids`: PNG sample grids (one row per class) and 2-D scatter plots.
+"""
+
+from .classifier import (
+    ClassifierArch,
+    EvalClassifier,
+    TrainedClassifier,
+    classifier_accuracy,
+    classifier_cache_path,
+    default_cache_dir,
+    load_or_train_classifier,
+    train_classifier,
+)
+from .grids import grid_filename, make_grid_array, save_points_plot, save_sample_grid
+from .image_metrics import (
+    ClassifierFeatures,
+    evaluate_images,
+    fid_in_classifier_features,
+    fid_inception,
+    guided_accuracy,
+    precision_recall,
+)
+from .points_metrics import (
+    MixtureTruth,
+    energy_distance,
+    evaluate_points,
+    fraction_of_modes_hit,
+    label_accuracy,
+    mode_coverage_per_class,
+    sliced_wasserstein,
+)
+
+__all__ = [
+    "ClassifierArch",
+    "ClassifierFeatures",
+    "EvalClassifier",
+    "MixtureTruth",
+    "TrainedClassifier",
+    "classifier_accuracy",
+    "classifier_cache_path",
+    "default_cache_dir",
+    "energy_distance",
+    "evaluate_images",
+    "evaluate_points",
+    "fid_in_classifier_features",
+    "fid_inception",
+    "fraction_of_modes_hit",
+    "grid_filename",
+    "guided_accuracy",
+    "label_accuracy",
+    "load_or_train_classifier",
+    "make_grid_array",
+    "mode_coverage_per_class",
+    "precision_recall",
+    "save_points_plot",
+    "save_sample_grid",
+    "sliced_wasserstein",
+    "train_classifier",
+]

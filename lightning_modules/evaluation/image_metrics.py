@@ -1,0 +1,172 @@
+"""Image sample quality in the evaluation classifier's feature space.
+
+FID comes from torchmetrics with the classifier's penultimate layer as its feature extractor;
+precision/recall follow Kynkäänniemi et al. (2019); guided accuracy checks that classifier-free
+guidance produced the class that was asked for. All images are float (N, C, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .classifier import EvalClassifier, batched_apply, model_device
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierFeatures(nn.Module):
+    """Adapter that lets torchmetrics' FID use `EvalClassifier.features` as its extractor.
+
+    torchmetrics reads `num_features` instead of probing with a dummy image, and passes a custom
+    extractor's input through untouched, so images stay in [-1, 1]. Features are returned in
+    float64 so the metric's covariance and eigenvalue computation run in double precision.
+    """
+
+    def __init__(self, classifier: EvalClassifier, batch_size: int = 512) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.batch_size = batch_size
+        self.num_features = classifier.num_features
+
+    def train(self, mode: bool = True) -> ClassifierFeatures:
+        # Metric.train()/eval() propagate here; the extractor must stay frozen.
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = model_device(self.classifier)
+        return batched_apply(self.classifier.features, x.float(), self.batch_size, device).double()
+
+
+def fid_in_classifier_features(
+    samples: Tensor, real_x: Tensor, classifier: EvalClassifier, batch_size: int = 512
+) -> float:
+    """Fréchet distance between Gaussians fitted to classifier features of the two sets."""
+    metric = FrechetInceptionDistance(feature=ClassifierFeatures(classifier, batch_size))
+    metric = metric.to(model_device(classifier))  # its feature sums live with the features
+    for chunk in real_x.split(batch_size):
+        metric.update(chunk, real=True)
+    for chunk in samples.split(batch_size):
+        metric.update(chunk, real=False)
+    # Tiny negative values are eigenvalue round-off on (near-)identical sets: a distance is >= 0.
+    return max(metric.compute().item(), 0.0)
+
+
+def _to_inception_uint8(x: Tensor) -> Tensor:
+    # Inception wants 3-channel uint8 images; grey images are repeated across channels.
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def fid_inception(
+    samples: Tensor, real_x: Tensor, weights_path: str | Path, batch_size: int = 64
+) -> float:
+    """Standard Inception-v3 FID from locally supplied weights (never downloaded).
+
+    Needs the `torch-fidelity` package; it is optional because it pulls in torchvision.
+    """
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ModuleNotFoundError(
+            f"inception_weights_path={str(weights_path)!r} asks for Inception FID, which needs "
+            "the optional package torch-fidelity: `pip install torch-fidelity` "
+            "(or `pip install torchmetrics[image]`); leave inception_weights_path unset to use "
+            "only the classifier-feature FID"
+        )
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(f"inception_weights_path={str(weights_path)!r} is not a file")
+    metric = FrechetInceptionDistance(
+        feature=2048, feature_extractor_weights_path=str(weights_path)
+    )
+    for chunk in real_x.split(batch_size):
+        metric.update(_to_inception_uint8(chunk), real=True)
+    for chunk in samples.split(batch_size):
+        metric.update(_to_inception_uint8(chunk), real=False)
+    return metric.compute().item()
+
+
+def guided_accuracy(
+    samples: Tensor, requested_labels: Tensor, classifier: EvalClassifier, batch_size: int = 512
+) -> float:
+    """Fraction of samples the classifier assigns to the label that was requested."""
+    classifier.eval()
+    device = model_device(classifier)
+    pred = batched_apply(classifier, samples.float(), batch_size, device).argmax(dim=1)
+    return (pred == requested_labels.to(pred.device)).float().mean().item()
+
+
+def kth_nn_radii(features: Tensor, k: int = 3, chunk_size: int = 1024) -> Tensor:
+    """Distance from each point to its k-th nearest neighbour within the same set."""
+    if len(features) <= k:
+        raise ValueError(f"need more than k={k} points for k-NN radii, got {len(features)}")
+    radii = []
+    for chunk in features.split(chunk_size):
+        dist = torch.cdist(chunk, features)
+        # k + 1 because each point is its own nearest neighbour at distance 0.
+        radii.append(dist.topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(radii)
+
+
+def fraction_in_manifold(
+    queries: Tensor, support: Tensor, radii: Tensor, chunk_size: int = 1024
+) -> float:
+    """Fraction of queries inside the union of balls B(support_i, radii_i)."""
+    inside = [
+        (torch.cdist(chunk, support) <= radii[None, :]).any(dim=1)
+        for chunk in queries.split(chunk_size)
+    ]
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(
+    fake_features: Tensor, real_features: Tensor, k: int = 3, chunk_size: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds.
+
+    Precision: share of generated samples inside the real manifold (quality).
+    Recall: share of real samples inside the generated manifold (coverage).
+    """
+    fake, real = fake_features.double(), real_features.double()
+    real_radii = kth_nn_radii(real, k, chunk_size)
+    fake_radii = kth_nn_radii(fake, k, chunk_size)
+    precision = fraction_in_manifold(fake, real, real_radii, chunk_size)
+    recall = fraction_in_manifold(real, fake, fake_radii, chunk_size)
+    return precision, recall
+
+
+def evaluate_images(
+    samples: Tensor,
+    requested_labels: Tensor | None,
+    real_x: Tensor,
+    classifier: EvalClassifier,
+    k: int = 3,
+    batch_size: int = 512,
+    inception_weights_path: str | Path | None = None,
+) -> dict[str, float]:
+    """All image metrics of one sample set against real data.
+
+    Keys: `fid`, `precision`, `recall` (classifier feature space), `guided_accuracy` when
+    `requested_labels` is given, and `fid_inception` when `inception_weights_path` is given.
+    """
+    classifier.eval()
+    device = model_device(classifier)
+    fake_features = batched_apply(classifier.features, samples.float(), batch_size, device)
+    real_features = batched_apply(classifier.features, real_x.float(), batch_size, device)
+    precision, recall = precision_recall(fake_features, real_features, k)
+    metrics = {
+        "fid": fid_in_classifier_features(samples, real_x, classifier, batch_size),
+        "precision": precision,
+        "recall": recall,
+    }
+    if requested_labels is not None:
+        metrics["guided_accuracy"] = guided_accuracy(
+            samples, requested_labels, classifier, batch_size
+        )
+    if inception_weights_path is not None:
+        metrics["fid_inception"] = fid_inception(samples, real_x, inception_weights_path)
+    logger.debug("image metrics: %s", metrics)
+    return metrics
