@@ -32,7 +32,81 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=2000, help="samples per cell")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train one run (no Ray), log it to MLflow, sample and evaluate it",
+        description="Train one configuration, then sample every (guidance, variance, steps) of "
+        "its `sample` section and log metrics, grids and the checkpoint to MLflow.",
+    )
+    train.add_argument("config", help="run config YAML (see sweeps/ for examples)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    train.add_argument("--out", help="directory for checkpoints and samples (default: a temp dir)")
+    train.add_argument("--no-eval", action="store_true", help="skip sampling and metrics")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_run_train)
+
+    smp = sub.add_parser(
+        "sample",
+        help="sample a checkpoint: grids (and metrics with --eval)",
+        description="Sample a trained checkpoint with any guidance weights, variance choices and "
+        "step counts; write one PNG per (w, variance, steps) and, with --eval, the metrics.",
+    )
+    smp.add_argument("checkpoint")
+    smp.add_argument(
+        "--guidance",
+        default="0,1,3",
+        help="guidance weights, comma-separated (0 unconditional, 1 conditional, >1 extrapolates)",
+    )
+    smp.add_argument("--variance", default="fixed_small", help="fixed_small,fixed_large,...")
+    smp.add_argument("--steps", default="50", help="sampling steps, comma-separated")
+    smp.add_argument("--out", required=True, help="output directory")
+    smp.add_argument("--eval", action="store_true", help="also compute the metrics")
+    smp.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="other sample settings, e.g. sampler=ddim eta=0.5 seed=3",
+    )
+    smp.set_defaults(func=_run_sample)
     return parser
+
+
+def _csv(text: str, kind, option: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{option} {text!r}: expected comma-separated {kind.__name__} values"
+        ) from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .single_run import train_command
+
+    return train_command(
+        args.config,
+        args.overrides,
+        args.tracking_uri,
+        args.out,
+        run_eval=not args.no_eval,
+        progress=not args.no_progress,
+    )
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from .single_run import sample_command
+
+    return sample_command(
+        args.checkpoint,
+        _csv(args.guidance, float, "--guidance"),
+        _csv(args.variance, str, "--variance"),
+        _csv(args.steps, int, "--steps"),
+        args.out,
+        args.eval,
+        args.overrides,
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -45,13 +119,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options too (`sample CKPT --steps 50 sampler=ddim`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return args.func(args)
-    except ValueError as err:  # bad user input: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as err:  # bad user input: one clear line
         print(f"ddpm-sweep: error: {err}", file=sys.stderr)
         return 2
 

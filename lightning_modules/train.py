@@ -1,0 +1,148 @@
+"""The training recipe: build data, network, diffusion, module, callbacks, trainer; fit.
+
+Loggers and extra callbacks (MLflow, Ray Tune reporting) come from the caller, so this module
+stays free of Ray and MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+from .config import ConfigError
+from .data import build_datamodule
+from .diffusion import GaussianDiffusion, get_variance
+from .module import DiffusionModule
+from .networks import NetworkConfig, build_network, network_config, unet_preset
+
+log = logging.getLogger(__name__)
+
+
+def resolve_network_config(cfg: DictConfig, datamodule) -> NetworkConfig:
+    """The network config with what the data and diffusion decide filled in: channels, image
+    size or dimension, classes (+ the null label) and doubled outputs for `learned_range`."""
+    node = dict(OmegaConf.to_container(cfg.network, resolve=True) if cfg.network else {})
+    name = node.setdefault("name", "unet" if datamodule.kind == "image" else "mlp")
+    learned = get_variance(cfg.diffusion.variance).learned
+    shape = datamodule.data_shape
+    if name == "unet":
+        if datamodule.kind != "image":
+            raise ConfigError(
+                f"network.name = 'unet' needs image data, but data.name = {cfg.data.name!r} is "
+                "2-D points: use network.name = 'mlp'"
+            )
+        derived = {"in_channels": shape[0], "image_size": shape[1]}
+    elif name == "mlp":
+        if datamodule.kind != "points":
+            raise ConfigError(
+                f"network.name = 'mlp' needs point data (e.g. data.name = 'gaussian_mixture'), "
+                f"but data.name = {cfg.data.name!r} is images: use network.name = 'unet'"
+            )
+        derived = {"data_dim": shape[0]}
+    else:
+        return network_config(node)  # raises the clear unknown-name error
+    derived |= {"num_classes": datamodule.num_classes, "learned_variance": learned}
+    if name == "unet":
+        node.pop("name")
+        return unet_preset(node.pop("preset", "digits"), **(node | derived))
+    if "preset" in node:
+        raise ConfigError(f"network.preset = {node['preset']!r} is only for network.name = 'unet'")
+    return network_config(node | derived)
+
+
+def build_experiment(cfg: DictConfig):
+    """(datamodule, module) for a validated config."""
+    datamodule = build_datamodule(cfg.data)
+    net = build_network(resolve_network_config(cfg, datamodule))
+    process = GaussianDiffusion.from_schedule(
+        cfg.diffusion.schedule,
+        cfg.diffusion.timesteps,
+        zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
+    )
+    module = DiffusionModule(net, process, cfg, datamodule.data_shape)
+    if cfg.train.compile:
+        module.net.compile()  # in place: state_dict keys (and checkpoints) stay unchanged
+    return datamodule, module
+
+
+def precision_for(cfg: DictConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="best",
+            monitor="val/loss_simple",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+    ]
+    if cfg.train.ema_decay > 0:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    return callbacks
+
+
+def build_trainer(
+    cfg: DictConfig, root_dir: Path, *, logger=False, callbacks=(), **overrides
+) -> pl.Trainer:
+    t = cfg.train
+    kwargs = dict(
+        default_root_dir=str(root_dir),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        gradient_clip_val=t.grad_clip or None,
+        precision=precision_for(cfg),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=logger,
+        callbacks=[*build_callbacks(cfg, root_dir / "checkpoints"), *callbacks],
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    return pl.Trainer(**(kwargs | overrides))
+
+
+@dataclass
+class FitResult:
+    module: DiffusionModule
+    datamodule: pl.LightningDataModule
+    trainer: pl.Trainer
+    checkpoint: Path | None  # the last checkpoint written (EMA weights)
+
+
+def fit(
+    cfg: DictConfig,
+    root_dir: str | Path,
+    *,
+    logger=False,
+    callbacks=(),
+    ckpt_path=None,
+    experiment=None,
+    **trainer_overrides,
+) -> FitResult:
+    """Train one run; checkpoints go to ``root_dir/checkpoints``. ``experiment`` is a prebuilt
+    (datamodule, module) pair, for callers that check the config by building it first."""
+    root_dir = Path(root_dir)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    datamodule, module = experiment or build_experiment(cfg)
+    trainer = build_trainer(cfg, root_dir, logger=logger, callbacks=callbacks, **trainer_overrides)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = root_dir / "checkpoints" / "last.ckpt"
+    if not trainer.fast_dev_run:
+        trainer.save_checkpoint(last)  # after training: the EMA weights are the module's weights
+    return FitResult(module, datamodule, trainer, last if last.exists() else None)

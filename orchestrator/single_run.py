@@ -1,0 +1,120 @@
+"""`ddpm-sweep train` and `ddpm-sweep sample`: one run, no Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lightning_modules.config import load_config, to_yaml, validate_sample_config
+from lightning_modules.data import build_datamodule
+from lightning_modules.evaluate import evaluate_module
+from lightning_modules.module import DiffusionModule
+from lightning_modules.train import build_experiment, fit
+
+from .tracking import cell_suffix, flat_params, run_tags, tracking_uri
+
+log = logging.getLogger(__name__)
+TABLE_KEYS = (
+    "fid",
+    "guided_accuracy",
+    "precision",
+    "recall",
+    "sliced_wasserstein",
+    "energy_distance",
+    "mode_coverage",
+    "label_accuracy",
+)
+
+
+def format_rows(rows: list[dict]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r for r in rows)]
+    head = f"{'w':>5} {'variance':<13} {'steps':>5} " + " ".join(f"{k:>18}" for k in keys)
+    lines = [head]
+    for r in rows:
+        vals = " ".join(f"{r[k]:>18.4f}" if k in r else f"{'-':>18}" for k in keys)
+        lines.append(f"{r['guidance']:>5g} {r['variance']:<13} {r['steps']:>5} {vals}")
+    return "\n".join(lines)
+
+
+def train_command(
+    config_file: str,
+    overrides: list[str],
+    uri: str | None,
+    out: str | None,
+    run_eval: bool,
+    progress: bool = True,
+) -> int:
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    cfg = load_config(config_file, overrides)
+    try:  # network/data mismatches and missing datasets surface here, before anything is logged
+        experiment = build_experiment(cfg)
+    except ValueError as err:  # DatasetNotFoundError is a FileNotFoundError: it passes through
+        raise ValueError(f"{config_file}: {err}") from None
+    out_dir = Path(out or tempfile.mkdtemp(prefix="ddpm-sweep-train-"))
+    logger = MLFlowLogger(
+        experiment_name=cfg.name,
+        tracking_uri=tracking_uri(uri),
+        tags=run_tags(config_file),
+        log_model=False,
+    )
+    logger.log_hyperparams(flat_params(cfg))
+    client, run_id = logger.experiment, logger.run_id
+    (out_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    client.log_artifact(run_id, str(out_dir / "config.yaml"))
+    try:
+        result = fit(
+            cfg, out_dir, logger=logger, experiment=experiment, enable_progress_bar=progress
+        )
+        client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
+        if run_eval:
+            rows = evaluate_module(
+                result.module, result.datamodule, cfg.sample, cfg.eval, out_dir / "samples"
+            )
+            step = result.trainer.global_step
+            for r in rows:
+                suffix = cell_suffix(r["guidance"], r["variance"], r["steps"])
+                for k, v in r.items():
+                    if isinstance(v, float) and k != "guidance":
+                        client.log_metric(run_id, f"eval/{k}/{suffix}", v, step=step)
+                client.log_artifact(run_id, r["image"], "samples")
+            (out_dir / "eval.json").write_text(json.dumps(rows, indent=2))
+            client.log_artifact(run_id, str(out_dir / "eval.json"))
+            print(format_rows(rows))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    print(
+        f"run {run_id} in {tracking_uri(uri)} (experiment {cfg.name!r}); checkpoint "
+        f"{result.checkpoint}\nbrowse: mlflow ui --backend-store-uri {tracking_uri(uri)}"
+    )
+    return 0
+
+
+def sample_command(
+    checkpoint: str,
+    guidance: list[float],
+    variance: list[str],
+    steps: list[int],
+    out: str,
+    run_eval: bool,
+    overrides: list[str],
+) -> int:
+    module = DiffusionModule.from_checkpoint(checkpoint)
+    cfg = module.cfg
+    sample_cfg = OmegaConf.merge(
+        cfg.sample, {"guidance": guidance, "variance": variance, "steps": steps}
+    )
+    sample_cfg = OmegaConf.merge(sample_cfg, OmegaConf.from_dotlist(overrides))
+    validate_sample_config(sample_cfg, module.process.num_timesteps, where=checkpoint)
+    datamodule = build_datamodule(cfg.data)
+    rows = evaluate_module(module, datamodule, sample_cfg, cfg.eval, out, with_metrics=run_eval)
+    Path(out, "samples.json").write_text(json.dumps(rows, indent=2))
+    print(format_rows(rows) if run_eval else "\n".join(r["image"] for r in rows))
+    return 0

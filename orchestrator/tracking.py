@@ -1,0 +1,69 @@
+"""MLflow conventions shared by every command: the default URI, params, tags, metric names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.diffusion import GUIDANCE_CONVENTION
+
+# A sqlite file in the working directory: `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PACKAGES = ("ddpm-sweep", "torch", "pytorch-lightning", "mlflow", "ray", "numpy")
+
+
+def tracking_uri(cli_value: str | None) -> str:
+    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """Every config value under its YAML key path (`diffusion.schedule`), as MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def git_commit(path: Path | None = None) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(config_file: str | None = None) -> dict[str, str]:
+    tags = {
+        "ddpm_sweep.guidance_convention": GUIDANCE_CONVENTION,
+        "ddpm_sweep.git_commit": git_commit(),
+    }
+    if config_file:
+        tags["ddpm_sweep.config_file"] = str(config_file)
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return tags
+
+
+def cell_suffix(guidance: float, variance: str, steps: int) -> str:
+    """The name of one (guidance, variance, steps) cell in metric keys: `w3_fixed_small_50steps`."""
+    return f"w{float(guidance):g}_{variance}_{int(steps)}steps"
