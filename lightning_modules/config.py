@@ -97,9 +97,10 @@ class ConfigError(ValueError):
 def load_config(
     source: str | Path | dict | DictConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    where: str | None = None,
 ) -> DictConfig:
     """Defaults <- a YAML file (or mapping) <- ``key=value`` overrides; type-checked, validated."""
-    where = str(source) if isinstance(source, (str, Path)) else "config"
+    where = where or (str(source) if isinstance(source, (str, Path)) else "config")
     try:
         cfg = OmegaConf.structured(ExperimentConfig)
         if isinstance(source, (str, Path)):
@@ -117,6 +118,12 @@ def load_config(
         ) from None
     validate_config(cfg, where)
     return cfg
+
+
+def omegaconf_message(err: OmegaConfBaseException) -> str:
+    """`key.path: first line of OmegaConf's message` (it says "Did you mean" for typos)."""
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return f"{getattr(err, 'full_key', None) or '?'}: {msg}"
 
 
 def _expect(ok: bool, where: str, key: str, value: Any, expected: str) -> None:

@@ -17,7 +17,13 @@ PACKAGES = ("ddpm-sweep", "torch", "pytorch-lightning", "mlflow", "ray", "numpy"
 
 
 def tracking_uri(cli_value: str | None) -> str:
-    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The URI to use; a relative sqlite path is made absolute, because Ray runs each trial in
+    its own working directory and every process must write to the same file."""
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:

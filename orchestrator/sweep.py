@@ -1,0 +1,188 @@
+"""`ddpm-sweep run`: plan the sweep, open its MLflow parent run, launch the trials on Ray Tune.
+
+The plan: one Tune trial per distinct training configuration (the search space's training-time
+axes); every sampling configuration (the `sample.*` axes) is evaluated inside the trial from its
+checkpoint, so no sampling axis is ever retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from omegaconf import OmegaConf
+
+from lightning_modules.config import to_yaml
+
+from .sweep_config import Axis, Sweep, sampling_overrides, training_grid
+from .tracking import run_tags
+from .trial import TrialContext, sampling_grid, train_and_evaluate
+
+log = logging.getLogger(__name__)
+
+
+def tune_space(axes: list[Axis]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(v[0], v[1] + 1),  # inclusive, like the YAML reads
+    }
+    return {a.key: make[a.kind](a.values) for a in axes}
+
+
+def plan(sweep: Sweep) -> dict[str, Any]:
+    """How many trainings and evaluations the sweep costs, vs a naive grid over every axis."""
+    trainings = len(training_grid(sweep)) * sweep.tune.num_samples
+    lists = sampling_overrides(sweep)
+    scalars = sampling_grid([a for a in sweep.sampling_axes if a.key not in lists])
+    per_training = len(scalars)
+    for key in ("sample.guidance", "sample.variance", "sample.steps"):
+        per_training *= len(lists.get(key, sweep.base.sample[key.split(".")[1]]))
+    return {
+        "trainings": trainings,
+        "evaluations_per_training": per_training,
+        "evaluations": trainings * per_training,
+        "naive_trainings": trainings * per_training,
+    }
+
+
+def _searcher(sweep: Sweep):
+    if sweep.tune.search_alg == "bayes":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=sweep.tune.seed)
+    return None  # grid and random: Tune's BasicVariantGenerator
+
+
+def _scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.tune.scheduler == "asha":
+        return ASHAScheduler(
+            grace_period=sweep.tune.grace_period, reduction_factor=sweep.tune.reduction_factor
+        )
+    return FIFOScheduler()
+
+
+def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(sweep.name)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(sweep.name)
+    tags = run_tags(sweep.source) | {
+        "ddpm_sweep.sweep": sweep.name,
+        "ddpm_sweep.role": "sweep",
+        "mlflow.runName": f"sweep {sweep.name}",
+    }
+    run = client.create_run(experiment_id, run_name=f"sweep {sweep.name}", tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "resolved_config.yaml").write_text(to_yaml(sweep.base))
+        (Path(tmp) / "sweep.json").write_text(
+            json.dumps(
+                {
+                    "axes": [a.__dict__ for a in sweep.axes],
+                    "tune": sweep.tune.__dict__,
+                    "plan": plan(sweep),
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        client.log_artifacts(run.info.run_id, tmp)
+    return experiment_id, run.info.run_id
+
+
+def run_sweep(
+    sweep: Sweep, *, tracking_uri: str, address: str | None = None, storage_path: str | None = None
+) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    lists = sampling_overrides(sweep)
+    ctx = TrialContext(
+        base=OmegaConf.to_container(sweep.base),
+        sampling_grid=sampling_grid([a for a in sweep.sampling_axes if a.key not in lists]),
+        sampling_lists=lists,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        sweep_name=sweep.name,
+        config_file=sweep.source,
+    )
+    start = time.time()
+    try:
+        if not ray.is_initialized():
+            ray.init(
+                address=address,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}},
+            )
+        t = sweep.tune
+        trainable = tune.with_resources(
+            tune.with_parameters(train_and_evaluate, ctx=ctx),
+            {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(sweep.training_axes),
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=t.num_samples,
+                max_concurrent_trials=t.max_concurrent_trials,
+                search_alg=_searcher(sweep),
+                scheduler=_scheduler(sweep),
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=str(Path(storage_path or "ddpm_sweep_runs").resolve()),
+                failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
+            ),
+        )
+        results = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+    summary = summarize(results, sweep, time.time() - start)
+    client.log_dict(parent_run_id, summary, "summary.json")
+    client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
+    summary["parent_run_id"] = parent_run_id
+    return summary
+
+
+def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:
+    trials = []
+    for r in results:
+        trials.append(
+            {
+                "config": r.config,
+                "error": str(r.error) if r.error else None,
+                "metrics": {
+                    k: v
+                    for k, v in (r.metrics or {}).items()
+                    if isinstance(v, (int, float)) and "/" in k
+                },
+            }
+        )
+    errored = [t for t in trials if t["error"]]
+    cpu_hours = wall_seconds * sweep.tune.cpus_per_trial * len(trials) / 3600
+    return {
+        "sweep": sweep.name,
+        "trials": trials,
+        "errored": len(errored),
+        "wall_seconds": wall_seconds,
+        "plan": plan(sweep),
+        "cpu_hours_upper_bound": cpu_hours,
+    }

@@ -1,0 +1,179 @@
+"""One Ray Tune trial: train one training configuration, then evaluate every sampling
+configuration from its checkpoint — each evaluated pair is its own MLflow child run.
+
+Runs inside a Ray worker process. Training metrics go to the trial's MLflow training run (a child
+of the sweep's parent run) through Lightning's MLflow logger and to Tune through
+:class:`TuneReportCallback`, with a checkpoint at every validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+from mlflow.entities import Metric, Param
+from omegaconf import DictConfig
+
+from lightning_modules.config import load_config
+from lightning_modules.evaluate import evaluate_module, prepare_context
+from lightning_modules.train import build_experiment, fit
+
+from .tracking import cell_suffix, flat_params, run_tags
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs from the driver (passed with tune.with_parameters)."""
+
+    base: dict
+    sampling_grid: list[dict[str, Any]]  # scalar sampling-time combinations (may be [{}])
+    sampling_lists: dict[str, list]  # list-valued sampling keys: guidance, variance, steps
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    config_file: str
+
+
+class TuneReportCallback(pl.Callback):
+    """Report validation metrics and a checkpoint to Tune after every validation."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ray import tune
+
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["step"] = trainer.global_step
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.save_checkpoint(Path(tmp) / "last.ckpt")
+            (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def trial_config(ctx: TrialContext, params: dict[str, Any]) -> DictConfig:
+    overrides = [f"{k}={_as_override(v)}" for k, v in params.items()]
+    overrides += [f"{k}={_as_override(v)}" for k, v in ctx.sampling_lists.items()]
+    return load_config(ctx.base, overrides, where=ctx.config_file)
+
+
+def _as_override(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def _create_run(client, ctx: TrialContext, name: str, role: str, params: dict, extra_tags=None):
+    tags = (
+        run_tags(ctx.config_file)
+        | {
+            "mlflow.parentRunId": ctx.parent_run_id,
+            "ddpm_sweep.sweep": ctx.sweep_name,
+            "ddpm_sweep.role": role,
+            "mlflow.runName": name,
+        }
+        | (extra_tags or {})
+    )
+    run = client.create_run(ctx.experiment_id, run_name=name, tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable (function API)."""
+    from pytorch_lightning.loggers import MLFlowLogger
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cfg = trial_config(ctx, params)
+    trial = tune.get_context()
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    name = f"train {trial.get_trial_name()}"
+    run_id = _create_run(
+        client, ctx, name, "train", flat_params(cfg), {"ddpm_sweep.trial_id": trial.get_trial_id()}
+    )
+    logger = MLFlowLogger(tracking_uri=ctx.tracking_uri, run_id=run_id)
+    root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
+    try:
+        result = fit(
+            cfg,
+            root,
+            logger=logger,
+            callbacks=[TuneReportCallback(run_id)],
+            experiment=build_experiment(cfg),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
+        summary = evaluate_cells(client, ctx, cfg, params, result, root, run_id)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    # The final report repeats the training metrics: Tune's searcher and summary need them.
+    tune.report({k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary)
+
+
+def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: str) -> dict:
+    """Evaluate every sampling configuration; one MLflow child run per (training × sampling)."""
+    eval_ctx = prepare_context(result.datamodule, cfg.eval)
+    summary: dict[str, float] = {}
+    for scalars in ctx.sampling_grid:
+        sample_cfg = cfg.sample.copy()
+        for k, v in scalars.items():
+            sample_cfg[k.split(".", 1)[1]] = v
+        rows = evaluate_module(
+            result.module,
+            result.datamodule,
+            sample_cfg,
+            cfg.eval,
+            root / "samples",
+            context=eval_ctx,
+        )
+        for row in rows:
+            cell = {
+                "sample.guidance": row["guidance"],
+                "sample.variance": row["variance"],
+                "sample.steps": row["steps"],
+            } | scalars
+            run_params = flat_params(cfg) | {k: str(v) for k, v in cell.items()}
+            name = f"eval {cell_suffix(row['guidance'], row['variance'], row['steps'])}"
+            run_id = _create_run(
+                client, ctx, name, "eval", run_params, {"ddpm_sweep.train_run_id": train_run_id}
+            )
+            metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "guidance"}
+            now = int(time.time() * 1000)
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, now, result.trainer.global_step) for k, v in metrics.items()],
+            )
+            client.log_artifact(run_id, row["image"], "samples")
+            client.set_terminated(run_id, "FINISHED")
+            for k, v in metrics.items():
+                summary[
+                    f"eval/{k}/{cell_suffix(row['guidance'], row['variance'], row['steps'])}"
+                ] = v
+    return summary
+
+
+def sampling_grid(axes) -> list[dict[str, Any]]:
+    """Scalar sampling-time axes (sampler, eta, ...) as a list of combinations."""
+    keys = [a.key for a in axes]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*[a.values for a in axes])]

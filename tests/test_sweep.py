@@ -1,0 +1,185 @@
+"""`ddpm-sweep run`: validation before Ray starts, the train-once/sample-many plan, and an
+end-to-end sweep on a real local Ray whose MLflow content is checked run by run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lightning_modules.config import ConfigError
+from orchestrator.sweep import plan
+from orchestrator.sweep_config import is_sampling_time, load_sweep, training_grid
+
+SWEEPS = Path(__file__).parents[1] / "sweeps"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_sweeps_validate():
+    for path in SWEEPS.glob("*.yaml"):
+        if "base:" in path.read_text():  # sweep files (the *_single.yaml files are run configs)
+            load_sweep(path)
+
+
+def test_plan_trains_once_per_training_configuration():
+    sweep = load_sweep(SWEEPS / "quickstart.yaml")
+    assert [a.key for a in sweep.training_axes] == ["diffusion.schedule"]
+    assert {a.key for a in sweep.sampling_axes} == {"sample.variance", "sample.guidance"}
+    assert training_grid(sweep) == [
+        {"diffusion.schedule": s} for s in ("linear", "cosine", "sigmoid")
+    ]
+    p = plan(sweep)
+    assert p == {
+        "trainings": 3,
+        "evaluations_per_training": 8,
+        "evaluations": 24,
+        "naive_trainings": 24,
+    }
+    assert is_sampling_time("sample.eta") and not is_sampling_time("diffusion.variance")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "search:\n  diffusion.schedul: [linear]\n",
+            r"search.diffusion.schedul: unknown config key; did you mean 'diffusion.schedule'\?",
+        ),
+        (
+            "search:\n  diffusion.schedule: [linear, quadratic]\n",
+            r"diffusion.schedule = 'quadratic' is invalid",
+        ),
+        ("search:\n  sample.guidance: []\n", r"search.sample.guidance.grid: expected a non-empty"),
+        ("search:\n  sample.guidance: [0, .nan]\n", r"sample.guidance\[1\]"),
+        (
+            "search:\n  train.lr: {loguniform: [0, 1]}\ntune: {search_alg: random}\n",
+            r"search.train.lr.loguniform = \[0, 1\]: expected low < high and low > 0",
+        ),
+        ("search:\n  train.lr: {normal: [0, 1]}\n", "unknown distribution 'normal'"),
+        (
+            "search:\n  sample.eta: {uniform: [0, 1]}\ntune: {search_alg: random}\n",
+            "sampling-time axes are evaluated from every checkpoint",
+        ),
+        ("search:\n  train.lr: {uniform: [0.001, 0.01]}\n", "tune.search_alg = 'grid' takes lists"),
+        ("tune: {scheduler: asha, metric: val/fid}\n", r"tune.metric = 'val/fid' is invalid"),
+        ("base: {train: {bpd_subset: 0}}\ntune: {metric: val/bpd}\n", r"tune.metric = 'val/bpd'"),
+        (
+            "tune: {schedular: asha}\n",
+            r"tune.schedular: Key 'schedular' not in 'TuneSettings'. Did you mean: 'scheduler'",
+        ),
+        ("tune: {max_concurrent_trials: 0}\n", "tune.max_concurrent_trials = 0"),
+        ("serach: {}\n", r"serach: unknown top-level key; did you mean 'search'"),
+        (
+            "base: {diffusion: {timesteps: 50}}\nsearch:\n  sample.steps: [10, 100]\n",
+            r"sample.steps\[1\] = 100 is invalid: expected an integer in "
+            r"\[1, diffusion.timesteps=50\]",
+        ),
+    ],
+)
+def test_validation_errors_name_file_key_and_expectation(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_sweep(path)
+    assert str(path) in str(err.value)
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_bad_sweep_exits_before_ray_and_records_nothing(tmp_path):
+    path = write(tmp_path, "search:\n  diffusion.schedule: [linear, quadratic]\n")
+    out = run_cli("run", str(path), cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"{path}: with" in out.stderr and "diffusion.schedule = 'quadratic'" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ddpm_sweep_runs").exists()
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
+    import mlflow
+
+    out = run_cli(
+        "run",
+        str(SWEEPS / "mixture_quick.yaml"),
+        "base.train.max_steps=150",
+        "base.train.val_every_n_steps=75",
+        "base.eval.num_samples=160",
+        "--name",
+        "e2e",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 training trial(s), 6 sampling configuration(s) each" in out.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], max_results=100)
+    roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
+    assert roles == {"sweep": 1, "train": 2, "eval": 12}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (parent,) = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert "w=0 unconditional" in parent.data.tags["ddpm_sweep.guidance_convention"]
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"resolved_config.yaml", "sweep.json", "summary.json"} <= parent_files
+
+    trains = {
+        r.data.params["diffusion.schedule"]: r
+        for r in runs
+        if r.data.tags["ddpm_sweep.role"] == "train"
+    }
+    assert set(trains) == {"linear", "cosine"}
+    for r in trains.values():
+        history = client.get_metric_history(r.info.run_id, "val/loss_simple")
+        assert [m.step for m in history] == sorted({m.step for m in history})  # no step twice
+        assert len(history) == 2
+        assert any(a.path == "checkpoints" for a in client.list_artifacts(r.info.run_id))
+
+    evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
+    cells = {
+        (
+            r.data.params["diffusion.schedule"],
+            r.data.params["sample.variance"],
+            float(r.data.params["sample.guidance"]),
+            r.data.params["sample.steps"],
+        )
+        for r in evals
+    }
+    assert cells == {
+        (s, v, w, "20")
+        for s in ("linear", "cosine")
+        for v in ("fixed_small", "fixed_large")
+        for w in (0.0, 1.0, 3.0)
+    }
+    for r in evals:
+        assert (
+            r.data.tags["ddpm_sweep.train_run_id"]
+            == trains[r.data.params["diffusion.schedule"]].info.run_id
+        )
+        assert {"sliced_wasserstein", "label_accuracy", "mode_coverage"} <= set(r.data.metrics)
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")]
+    # Guidance works through the whole pipeline: conditional beats unconditional on accuracy.
+    acc = {
+        float(r.data.params["sample.guidance"]): r.data.metrics["label_accuracy"]
+        for r in evals
+        if r.data.params["diffusion.schedule"] == "linear"
+        and r.data.params["sample.variance"] == "fixed_small"
+    }
+    assert acc[1.0] > acc[0.0] + 0.3
