@@ -89,32 +89,60 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     run.add_argument("--storage-path", help="Ray Tune storage path (default: ./ddpm_sweep_runs)")
     run.set_defaults(func=_run_sweep)
+
+    resume = sub.add_parser(
+        "resume",
+        help="continue a killed sweep from its directory",
+        description="Continue a sweep from its Ray Tune experiment directory "
+        "(<storage-path>/<name>): finished trials are not rerun, unfinished and errored ones "
+        "resume from their last checkpoint, and the same MLflow parent run is used.",
+    )
+    resume.add_argument("directory", help="e.g. ddpm_sweep_runs/quickstart")
+    resume.add_argument("--address", help="Ray cluster address (default: as the sweep ran)")
+    resume.set_defaults(func=_run_resume)
     return parser
 
 
-def _run_sweep(args: argparse.Namespace) -> int:
-    from .sweep_config import load_sweep
+def _run_resume(args: argparse.Namespace) -> int:
+    from .sweep import resume_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides, args.name)  # all validation, before Ray
-    from .sweep import plan, run_sweep
+    return _print_summary(resume_sweep(args.directory, address=args.address))
+
+
+def _print_summary(summary: dict) -> int:
+    print(
+        f"done in {summary['wall_seconds']:.0f} s; {summary['errored']} trial(s) errored; "
+        f"parent run {summary['parent_run_id']}"
+    )
+    print(f"browse: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    return 0 if not summary["errored"] else 1
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .sweep import experiment_dir, plan, preflight, run_sweep
+    from .sweep_config import load_sweep
     from .tracking import tracking_uri
 
+    sweep = load_sweep(args.sweep, args.overrides, args.name)  # all validation, before Ray
+    preflight(sweep, args.address)
     p = plan(sweep)
     print(
         f"sweep {sweep.name!r}: {p['trainings']} training trial(s), "
         f"{p['evaluations_per_training']} sampling configuration(s) each "
         f"({p['evaluations']} evaluated pairs; a naive grid would train {p['naive_trainings']})"
     )
-    uri = tracking_uri(args.tracking_uri)
-    summary = run_sweep(
-        sweep, tracking_uri=uri, address=args.address, storage_path=args.storage_path
-    )
     print(
-        f"done in {summary['wall_seconds']:.0f} s; {summary['errored']} trial(s) errored; "
-        f"parent run {summary['parent_run_id']}"
+        f"Tune state: {experiment_dir(sweep, args.storage_path)} "
+        "(continue a killed sweep with `ddpm-sweep resume` on it)"
     )
-    print(f"browse: mlflow ui --backend-store-uri {uri}")
-    return 0 if not summary["errored"] else 1
+    summary = run_sweep(
+        sweep,
+        tracking_uri=tracking_uri(args.tracking_uri),
+        address=args.address,
+        storage_path=args.storage_path,
+        overrides=args.overrides,
+    )
+    return _print_summary(summary)
 
 
 def _csv(text: str, kind, option: str) -> list:

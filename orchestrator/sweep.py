@@ -73,6 +73,18 @@ def _scheduler(sweep: Sweep):
     return FIFOScheduler()
 
 
+def preflight(sweep: Sweep, address: str | None) -> None:
+    """On the local machine, build the data once so a missing dataset fails before any trial.
+    (On a cluster the workers may see paths the driver does not, so this is skipped there.)"""
+    if address is None:
+        from lightning_modules.data import build_datamodule
+
+        try:
+            build_datamodule(sweep.base.data)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{sweep.source}: base.data: {err}") from None
+
+
 def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(sweep.name)
@@ -100,16 +112,12 @@ def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
     return experiment_id, run.info.run_id
 
 
-def run_sweep(
-    sweep: Sweep, *, tracking_uri: str, address: str | None = None, storage_path: str | None = None
-) -> dict[str, Any]:
-    import ray
-    from ray import tune
+STATE_FILE = "ddpm_sweep.json"  # in the Tune experiment directory: what `resume` needs
 
-    experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri)
+
+def _context(sweep: Sweep, tracking_uri: str, experiment_id: str, parent_run_id: str):
     lists = sampling_overrides(sweep)
-    ctx = TrialContext(
+    return TrialContext(
         base=OmegaConf.to_container(sweep.base),
         sampling_grid=sampling_grid([a for a in sweep.sampling_axes if a.key not in lists]),
         sampling_lists=lists,
@@ -119,21 +127,60 @@ def run_sweep(
         sweep_name=sweep.name,
         config_file=sweep.source,
     )
+
+
+def _trainable(sweep: Sweep, ctx: TrialContext):
+    from ray import tune
+
+    t = sweep.tune
+    return tune.with_resources(
+        tune.with_parameters(train_and_evaluate, ctx=ctx),
+        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+    )
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def experiment_dir(sweep: Sweep, storage_path: str | None) -> Path:
+    return Path(storage_path or "ddpm_sweep_runs").resolve() / sweep.name
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    tracking_uri: str,
+    address: str | None = None,
+    storage_path: str | None = None,
+    overrides: list[str] = (),
+) -> dict[str, Any]:
+    from ray import tune
+
+    exp_dir = experiment_dir(sweep, storage_path)
+    experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "sweep_file": str(Path(sweep.source).resolve()),
+        "overrides": list(overrides),
+        "name": sweep.name,
+        "tracking_uri": tracking_uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "address": address,
+    }
+    (exp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    ctx = _context(sweep, tracking_uri, experiment_id, parent_run_id)
+    client = mlflow.MlflowClient(tracking_uri)
     start = time.time()
     try:
-        if not ray.is_initialized():
-            ray.init(
-                address=address,
-                log_to_driver=True,
-                runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}},
-            )
+        _init_ray(address)
         t = sweep.tune
-        trainable = tune.with_resources(
-            tune.with_parameters(train_and_evaluate, ctx=ctx),
-            {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-        )
         tuner = tune.Tuner(
-            trainable,
+            _trainable(sweep, ctx),
             param_space=tune_space(sweep.training_axes),
             tune_config=tune.TuneConfig(
                 metric=t.metric,
@@ -145,7 +192,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
-                storage_path=str(Path(storage_path or "ddpm_sweep_runs").resolve()),
+                storage_path=str(exp_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
@@ -155,11 +202,65 @@ def run_sweep(
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
+    return _finish(client, results, sweep, experiment_id, parent_run_id, start)
+
+
+def _finish(client, results, sweep, experiment_id, parent_run_id, start) -> dict[str, Any]:
+    close_orphan_runs(client, experiment_id, parent_run_id)
     summary = summarize(results, sweep, time.time() - start)
     client.log_dict(parent_run_id, summary, "summary.json")
     client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
     summary["parent_run_id"] = parent_run_id
+    summary["tracking_uri"] = client.tracking_uri
     return summary
+
+
+def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[str, Any]:
+    """Continue a killed sweep from its Tune experiment directory: finished trials are kept,
+    unfinished and errored ones resume from their last checkpoint, the same parent run is used."""
+    from ray import tune
+
+    from .sweep_config import load_sweep
+
+    exp_dir = Path(directory).resolve()
+    state_file = exp_dir / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(
+            f"{exp_dir}: not a ddpm-sweep experiment directory (no {STATE_FILE}); "
+            "pass the directory `ddpm-sweep run` printed, <storage-path>/<name>"
+        )
+    state = json.loads(state_file.read_text())
+    sweep = load_sweep(state["sweep_file"], state["overrides"], state["name"])
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    client.update_run(state["parent_run_id"], status="RUNNING")
+    ctx = _context(sweep, state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+    start = time.time()
+    try:
+        _init_ray(address or state.get("address"))
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ValueError(
+                f"{exp_dir}: Ray Tune has no experiment state here yet (the sweep "
+                "was killed before its first trial started); run it again"
+            )
+        tuner = tune.Tuner.restore(
+            str(exp_dir), _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
+        )
+        results = tuner.fit()
+    except BaseException:
+        client.set_terminated(state["parent_run_id"], "FAILED")
+        raise
+    return _finish(client, results, sweep, state["experiment_id"], state["parent_run_id"], start)
+
+
+def close_orphan_runs(client, experiment_id: str, parent_run_id: str) -> None:
+    """Trials stopped by ASHA (or killed) cannot close their MLflow run; mark those KILLED."""
+    running = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow.entities import Metric, Param
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import MLFlowLogger
 
 from lightning_modules.config import load_config
 from lightning_modules.evaluate import evaluate_module, prepare_context
@@ -45,6 +46,28 @@ class TrialContext:
     parent_run_id: str
     sweep_name: str
     config_file: str
+
+
+class ResumingMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger that never logs a (metric, step) pair twice.
+
+    A trial resumed from its last checkpoint replays the steps between that checkpoint and the
+    crash; those steps are already in MLflow, so they are skipped here.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, client):
+        super().__init__(tracking_uri=tracking_uri, run_id=run_id)
+        self._last_step = {
+            key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics
+        }
+
+    def log_metrics(self, metrics, step=None):
+        fresh = {
+            k: v for k, v in metrics.items() if step is None or step > self._last_step.get(k, -1)
+        }
+        if fresh:
+            super().log_metrics(fresh, step)
 
 
 class TuneReportCallback(pl.Callback):
@@ -98,19 +121,28 @@ def _create_run(client, ctx: TrialContext, name: str, role: str, params: dict, e
 
 def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable (function API)."""
-    from pytorch_lightning.loggers import MLFlowLogger
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = trial_config(ctx, params)
     trial = tune.get_context()
     client = mlflow.MlflowClient(ctx.tracking_uri)
-    name = f"train {trial.get_trial_name()}"
-    run_id = _create_run(
-        client, ctx, name, "train", flat_params(cfg), {"ddpm_sweep.trial_id": trial.get_trial_id()}
-    )
-    logger = MLFlowLogger(tracking_uri=ctx.tracking_uri, run_id=run_id)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
+    run_id, ckpt_path = _resume_point(root)
+    if run_id is None:  # a fresh trial: its own child run under the sweep's parent
+        run_id = _create_run(
+            client,
+            ctx,
+            f"train {trial.get_trial_name()}",
+            "train",
+            flat_params(cfg),
+            {"ddpm_sweep.trial_id": trial.get_trial_id()},
+        )
+    else:  # a retried or resumed trial re-attaches to its run and resumes from the checkpoint
+        client.update_run(run_id, status="RUNNING")
+        log.info("trial %s re-attached to MLflow run %s", trial.get_trial_name(), run_id)
+    client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
+    logger = ResumingMLFlowLogger(ctx.tracking_uri, run_id, client)
     try:
         result = fit(
             cfg,
@@ -118,6 +150,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
             logger=logger,
             callbacks=[TuneReportCallback(run_id)],
             experiment=build_experiment(cfg),
+            ckpt_path=ckpt_path,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
@@ -131,9 +164,31 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     tune.report({k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary)
 
 
+def _resume_point(root: Path) -> tuple[str | None, str | None]:
+    """(MLflow run id, Lightning checkpoint path) from Tune's last checkpoint of this trial."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as d:
+        run_id = (Path(d) / RUN_ID_FILE).read_text().strip()
+        target = root / "resume.ckpt"
+        target.write_bytes((Path(d) / "last.ckpt").read_bytes())
+    return run_id, str(target)
+
+
 def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: str) -> dict:
     """Evaluate every sampling configuration; one MLflow child run per (training × sampling)."""
     eval_ctx = prepare_context(result.datamodule, cfg.eval)
+    done = {
+        r.info.run_name
+        for r in client.search_runs(
+            [ctx.experiment_id],
+            f"tags.`ddpm_sweep.train_run_id` = '{train_run_id}' and attributes.status = 'FINISHED'",
+            max_results=10000,
+        )
+    }
     summary: dict[str, float] = {}
     for scalars in ctx.sampling_grid:
         sample_cfg = cfg.sample.copy()
@@ -154,7 +209,15 @@ def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: s
                 "sample.steps": row["steps"],
             } | scalars
             run_params = flat_params(cfg) | {k: str(v) for k, v in cell.items()}
-            name = f"eval {cell_suffix(row['guidance'], row['variance'], row['steps'])}"
+            name = " ".join(
+                [
+                    "eval",
+                    cell_suffix(row["guidance"], row["variance"], row["steps"]),
+                    *(f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items()),
+                ]
+            )
+            if name in done:  # evaluated before the trial was interrupted: not twice
+                continue
             run_id = _create_run(
                 client, ctx, name, "eval", run_params, {"ddpm_sweep.train_run_id": train_run_id}
             )
