@@ -100,7 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("directory", help="e.g. ddpm_sweep_runs/quickstart")
     resume.add_argument("--address", help="Ray cluster address (default: as the sweep ran)")
     resume.set_defaults(func=_run_resume)
+
+    report = sub.add_parser(
+        "report",
+        help="tables and plots of a sweep, from MLflow",
+        description="Best configurations and plots (quality and guided accuracy vs guidance "
+        "weight per schedule x variance, quality vs sampling steps, learning curves) as PNG and "
+        "Markdown, also logged to the sweep's parent run.",
+    )
+    report.add_argument("sweep", help="the sweep name (its MLflow experiment)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    report.add_argument("--out", help="output directory (default: reports/<sweep>)")
+    report.set_defaults(func=_run_report)
     return parser
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .tracking import tracking_uri
+
+    path = write_report(
+        args.sweep, tracking_uri(args.tracking_uri), args.out or f"reports/{args.sweep}"
+    )
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
 
 
 def _run_resume(args: argparse.Namespace) -> int:
@@ -142,7 +166,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         overrides=args.overrides,
     )
-    return _print_summary(summary)
+    code = _print_summary(summary)
+    from .report import write_report
+
+    path = write_report(sweep.name, summary["tracking_uri"], f"reports/{sweep.name}")
+    print(
+        f"report: {path} (also logged to the parent run); `ddpm-sweep report {sweep.name}` "
+        "rebuilds it"
+    )
+    return code
 
 
 def _csv(text: str, kind, option: str) -> list:

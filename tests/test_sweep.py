@@ -138,7 +138,17 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert "w=0 unconditional" in parent.data.tags["ddpm_sweep.guidance_convention"]
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"resolved_config.yaml", "sweep.json", "summary.json"} <= parent_files
+    assert {"resolved_config.yaml", "sweep.json", "summary.json", "report"} <= parent_files
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {
+        "report/report.md",
+        "report/quality_vs_guidance.png",
+        "report/accuracy_vs_guidance.png",
+        "report/learning_curves.png",
+    } <= report_files
+    report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
+    assert "| diffusion.schedule | sample.variance | sample.guidance |" in report
+    assert report.count("\n| linear |") + report.count("\n| cosine |") == 10  # the top 10
 
     trains = {
         r.data.params["diffusion.schedule"]: r
@@ -183,3 +193,38 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         and r.data.params["sample.variance"] == "fixed_small"
     }
     assert acc[1.0] > acc[0.0] + 0.3
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
+    import mlflow
+
+    text = (SWEEPS / "mixture_quick.yaml").read_text()
+    text = text.replace("diffusion.schedule: [linear, cosine]", "train.lr: [0.003, 1.0e+30]")
+    path = write(tmp_path, text)
+    out = run_cli(
+        "run",
+        str(path),
+        "base.train.max_steps=100",
+        "base.train.val_every_n_steps=50",
+        "base.eval.num_samples=80",
+        "base.train.grad_clip=0",
+        "base.train.warmup_steps=0",
+        "tune.max_failures=0",
+        "--name",
+        "nan",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]  # one trial errored
+    assert "1 trial(s) errored" in out.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    trains = {
+        r.data.params["train.lr"]: r for r in runs if r.data.tags["ddpm_sweep.role"] == "train"
+    }
+    assert trains["1e+30"].info.status == "FAILED"
+    assert trains["0.003"].info.status == "FINISHED"
+    evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
+    assert len(evals) == 6 and all(r.data.params["train.lr"] == "0.003" for r in evals)
+    report = (tmp_path / "reports" / "nan" / "report.md").read_text()
+    assert "1e+30" not in report  # excluded from the best configurations
