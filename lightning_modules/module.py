@@ -2,8 +2,8 @@
 
 It receives its denoiser network and diffusion process; the config only carries the training
 choices (loss, prediction, optimiser, label dropout). EMA of the weights is Lightning's
-``EMAWeightAveraging`` callback (see ``train.py``): validation, the end of training and every
-checkpoint's ``state_dict`` use the averaged weights.
+``WeightAveraging`` callback with torch's EMA (see ``train.py``): validation, the end of training
+and every checkpoint's ``state_dict`` use the averaged weights.
 """
 
 from __future__ import annotations
