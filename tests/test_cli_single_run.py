@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from PIL import Image
 
 TINY = [
@@ -28,24 +26,12 @@ TINY = [
 ]
 
 
-def cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_train_logs_a_complete_run_and_sample_reuses_the_checkpoint(tmp_path):
     import mlflow
 
     config = Path(__file__).parents[1] / "sweeps" / "mixture_single.yaml"
-    out = cli(
+    out = run_cli(
         "train",
         str(config),
         *TINY,
@@ -76,7 +62,7 @@ def test_train_logs_a_complete_run_and_sample_reuses_the_checkpoint(tmp_path):
     assert "samples/grid_w3_fixed_large_10steps.png" in samples and len(samples) == 6
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = cli(
+    out = run_cli(
         "sample",
         str(ckpt),
         "--guidance",
@@ -98,14 +84,14 @@ def test_train_logs_a_complete_run_and_sample_reuses_the_checkpoint(tmp_path):
     assert all("sliced_wasserstein" in r and Path(r["image"]).exists() for r in rows)
     Image.open(rows[0]["image"]).verify()
 
-    bad = cli("sample", str(ckpt), "--steps", "500", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    bad = run_cli("sample", str(ckpt), "--steps", "500", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert bad.returncode == 2 and "sample.steps[0] = 500" in bad.stderr
 
 
 def test_train_rejects_a_bad_config_before_training(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("diffusion:\n  variance: wide\n")
-    out = cli("train", str(bad), cwd=tmp_path)
+    out = run_cli("train", str(bad), cwd=tmp_path)
     assert out.returncode == 2
     assert f"{bad}: diffusion.variance = 'wide' is invalid: expected one of" in out.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded

@@ -3,13 +3,11 @@ end-to-end sweep on a real local Ray whose MLflow content is checked run by run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from lightning_modules.config import ConfigError
 from orchestrator.sweep import plan
@@ -90,18 +88,6 @@ def test_validation_errors_name_file_key_and_expectation(tmp_path, text, message
     with pytest.raises(ConfigError, match=message) as err:
         load_sweep(path)
     assert str(path) in str(err.value)
-
-
-def run_cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_bad_sweep_exits_before_ray_and_records_nothing(tmp_path):
