@@ -134,6 +134,18 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> int:
+    best = summary.get("best")
+    if best:
+        metric = next((k for k in ("fid", "sliced_wasserstein") if k in best), None)
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+        print(
+            f"best: {best['eval_run']} ({metric} {best.get(metric)}) with {settings}; "
+            f"registered as model {best['registered_model']!r} version {best['version']}"
+        )
+    print(
+        f"compute: {summary['cpu_hours']:.3f} CPU-hours, {summary['gpu_hours']:.3f} GPU-hours "
+        f"in {summary['trial_seconds']:.0f} trial-seconds"
+    )
     print(
         f"done in {summary['wall_seconds']:.0f} s; {summary['errored']} trial(s) errored; "
         f"parent run {summary['parent_run_id']}"

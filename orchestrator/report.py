@@ -42,6 +42,18 @@ def sweep_runs(client, name: str, parent_run_id: str | None = None):
     return parent, children
 
 
+def quality_metric(evals) -> tuple[str | None, bool]:
+    """The sample-quality metric these runs carry and whether lower is better."""
+    return next(((m, lo) for m, lo in QUALITY_METRICS if m in evals[0].data.metrics), (None, True))
+
+
+def rank_evals(evals) -> list:
+    """Evaluated pairs, best sample quality first (failed or stopped trials have none)."""
+    quality, lower = quality_metric(evals)
+    sign = 1 if lower else -1
+    return sorted(evals, key=lambda r: sign * r.data.metrics.get(quality, sign * math.inf))
+
+
 def _axes_that_vary(runs, prefix_exclude=("sample.",)) -> list[str]:
     keys = set().union(*(r.data.params for r in runs)) if runs else set()
     vary = [

@@ -146,6 +146,31 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
 
 
+def _tuner(sweep: Sweep, ctx: TrialContext, exp_dir: Path):
+    from ray import tune
+
+    t = sweep.tune
+    return tune.Tuner(
+        _trainable(sweep, ctx),
+        param_space=tune_space(sweep.training_axes),
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent_trials,
+            search_alg=_searcher(sweep),
+            scheduler=_scheduler(sweep),
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
 def experiment_dir(sweep: Sweep, storage_path: str | None) -> Path:
     return Path(storage_path or "ddpm_sweep_runs").resolve() / sweep.name
 
@@ -158,7 +183,6 @@ def run_sweep(
     storage_path: str | None = None,
     overrides: list[str] = (),
 ) -> dict[str, Any]:
-    from ray import tune
 
     exp_dir = experiment_dir(sweep, storage_path)
     experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
@@ -178,26 +202,7 @@ def run_sweep(
     start = time.time()
     try:
         _init_ray(address)
-        t = sweep.tune
-        tuner = tune.Tuner(
-            _trainable(sweep, ctx),
-            param_space=tune_space(sweep.training_axes),
-            tune_config=tune.TuneConfig(
-                metric=t.metric,
-                mode=t.mode,
-                num_samples=t.num_samples,
-                max_concurrent_trials=t.max_concurrent_trials,
-                search_alg=_searcher(sweep),
-                scheduler=_scheduler(sweep),
-            ),
-            run_config=tune.RunConfig(
-                name=sweep.name,
-                storage_path=str(exp_dir.parent),
-                failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
-            ),
-        )
+        tuner = _tuner(sweep, ctx, exp_dir)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
@@ -208,6 +213,7 @@ def run_sweep(
 def _finish(client, results, sweep, experiment_id, parent_run_id, start) -> dict[str, Any]:
     close_orphan_runs(client, experiment_id, parent_run_id)
     summary = summarize(results, sweep, time.time() - start)
+    summary["best"] = publish_best(client, sweep, parent_run_id)
     client.log_dict(parent_run_id, summary, "summary.json")
     client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
     summary["parent_run_id"] = parent_run_id
@@ -237,19 +243,77 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
     start = time.time()
     try:
         _init_ray(address or state.get("address"))
-        if not tune.Tuner.can_restore(str(exp_dir)):
-            raise ValueError(
-                f"{exp_dir}: Ray Tune has no experiment state here yet (the sweep "
-                "was killed before its first trial started); run it again"
+        if tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(
+                str(exp_dir), _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
             )
-        tuner = tune.Tuner.restore(
-            str(exp_dir), _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
-        )
+        else:  # killed before Tune wrote any state: start the trials afresh, same parent run
+            log.warning(
+                "%s has no Tune checkpoint yet: starting the sweep's trials fresh "
+                "(same MLflow parent run)",
+                exp_dir,
+            )
+            tuner = _tuner(sweep, ctx, exp_dir)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(state["parent_run_id"], "FAILED")
         raise
     return _finish(client, results, sweep, state["experiment_id"], state["parent_run_id"], start)
+
+
+def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | None:
+    """Log the best pair's checkpoint to the parent run (`best/`) and register it as a new
+    version of the registered model named after the sweep."""
+    from .report import quality_metric, rank_evals, sweep_runs
+
+    _, children = sweep_runs(client, sweep.name, parent_run_id)
+    evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
+    if not evals:
+        return None
+    best = rank_evals(evals)[0]
+    quality, _ = quality_metric(evals)
+    train_run_id = best.data.tags["ddpm_sweep.train_run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = mlflow.artifacts.download_artifacts(
+            run_id=train_run_id,
+            artifact_path="checkpoints/last.ckpt",
+            dst_path=tmp,
+            tracking_uri=client.tracking_uri,
+        )
+        client.log_artifact(parent_run_id, ckpt, "best")
+    try:
+        client.create_registered_model(sweep.name, description=f"best model of sweep {sweep.name}")
+    except mlflow.exceptions.MlflowException:
+        pass  # registered by an earlier sweep of the same name: add a version
+    cell = {k: best.data.params[k] for k in ("sample.variance", "sample.guidance", "sample.steps")}
+    version = client.create_model_version(
+        sweep.name,
+        source=f"runs:/{train_run_id}/checkpoints/last.ckpt",
+        run_id=train_run_id,
+        tags={
+            "ddpm_sweep.parent_run_id": parent_run_id,
+            **cell,
+            quality: str(best.data.metrics.get(quality)),
+        },
+        description=f"best {quality} of sweep {sweep.name}: {best.info.run_name}",
+    )
+    return {
+        "eval_run": best.info.run_name,
+        "eval_run_id": best.info.run_id,
+        "train_run_id": train_run_id,
+        quality: best.data.metrics.get(quality),
+        "params": {
+            k: v
+            for k, v in best.data.params.items()
+            if k in sweep_axis_keys(sweep) or k.startswith("sample.")
+        },
+        "registered_model": sweep.name,
+        "version": version.version,
+    }
+
+
+def sweep_axis_keys(sweep: Sweep) -> set[str]:
+    return {a.key for a in sweep.axes}
 
 
 def close_orphan_runs(client, experiment_id: str, parent_run_id: str) -> None:
@@ -278,12 +342,15 @@ def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:
             }
         )
     errored = [t for t in trials if t["error"]]
-    cpu_hours = wall_seconds * sweep.tune.cpus_per_trial * len(trials) / 3600
+    # Tune's time_total_s is the trial's own compute time (training and evaluation).
+    trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in results)
     return {
         "sweep": sweep.name,
         "trials": trials,
         "errored": len(errored),
         "wall_seconds": wall_seconds,
         "plan": plan(sweep),
-        "cpu_hours_upper_bound": cpu_hours,
+        "trial_seconds": trial_seconds,
+        "cpu_hours": trial_seconds * sweep.tune.cpus_per_trial / 3600,
+        "gpu_hours": trial_seconds * sweep.tune.gpus_per_trial / 3600,
     }

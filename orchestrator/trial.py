@@ -129,6 +129,15 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     client = mlflow.MlflowClient(ctx.tracking_uri)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
     run_id, ckpt_path = _resume_point(root)
+    if run_id is None:
+        run_id = _earlier_run(client, ctx, trial.get_trial_id())
+        if run_id is not None:  # retried before its first checkpoint: same run, fresh start
+            log.warning(
+                "trial %s has no checkpoint: training starts fresh (same seed, so the "
+                "steps already in MLflow run %s repeat and are not logged again)",
+                trial.get_trial_name(),
+                run_id,
+            )
     if run_id is None:  # a fresh trial: its own child run under the sweep's parent
         run_id = _create_run(
             client,
@@ -138,7 +147,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
             flat_params(cfg),
             {"ddpm_sweep.trial_id": trial.get_trial_id()},
         )
-    else:  # a retried or resumed trial re-attaches to its run and resumes from the checkpoint
+    else:  # a retried or resumed trial re-attaches to its run
         client.update_run(run_id, status="RUNNING")
         log.info("trial %s re-attached to MLflow run %s", trial.get_trial_name(), run_id)
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
@@ -162,6 +171,17 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     client.set_terminated(run_id, "FINISHED")
     # The final report repeats the training metrics: Tune's searcher and summary need them.
     tune.report({k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary)
+
+
+def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:
+    """The training run an earlier attempt of this trial opened, if any."""
+    runs = client.search_runs(
+        [ctx.experiment_id],
+        f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and "
+        f"tags.`ddpm_sweep.trial_id` = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def _resume_point(root: Path) -> tuple[str | None, str | None]:

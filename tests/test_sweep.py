@@ -124,7 +124,11 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert "w=0 unconditional" in parent.data.tags["ddpm_sweep.guidance_convention"]
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"resolved_config.yaml", "sweep.json", "summary.json", "report"} <= parent_files
+    assert {"resolved_config.yaml", "sweep.json", "summary.json", "report", "best"} <= parent_files
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "best")] == ["best/last.ckpt"]
+    (version,) = client.search_model_versions("name = 'e2e'")
+    assert version.tags["ddpm_sweep.parent_run_id"] == parent.info.run_id
+    assert "best: eval w" in out.stdout and "CPU-hours" in out.stdout
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {
         "report/report.md",
