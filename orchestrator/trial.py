@@ -55,8 +55,14 @@ class ResumingMLFlowLogger(MLFlowLogger):
     crash; those steps are already in MLflow, so they are skipped here.
     """
 
+    def finalize(self, status: str = "success") -> None:
+        mlflow.flush_async_logging()  # every queued metric is written before the run is closed
+        super().finalize(status)
+
     def __init__(self, tracking_uri: str, run_id: str, client):
-        super().__init__(tracking_uri=tracking_uri, run_id=run_id)
+        # Asynchronous: metrics are queued and written by MLflow's logging thread, so a slow or
+        # busy tracking store does not stall training (see benchmarks/tracking_overhead.py).
+        super().__init__(tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
         self._last_step = {
             key: max(m.step for m in client.get_metric_history(run_id, key))
             for key in client.get_run(run_id).data.metrics

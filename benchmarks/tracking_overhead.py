@@ -1,0 +1,138 @@
+"""What MLflow tracking costs a training step: the product's trial logger vs no logger.
+
+The same DiffusionModule is trained under a real Trainer with logger=False and with the sweep
+trials' logger (`orchestrator.trial.ResumingMLFlowLogger`, Lightning's MLflow logger writing
+batched metrics to a sqlite tracking store) in alternating rounds (A B A B ...) of the same
+length; each round times its steady-state steps with a callback (start-up excluded). Key
+`tracking_overhead_fraction` = median over rounds of (logged step time / unlogged step time) - 1
+at the product's logging interval (goal <= 0.02); `--every 1` shows the worst case (a write per
+step).
+
+    .venv/bin/python benchmarks/tracking_overhead.py --out /tmp/bench_tracking_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.config import load_config
+from lightning_modules.train import build_experiment, build_trainer
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._t = warmup, [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._t)
+
+
+def one_round(cfg, root: Path, steps: int, warmup: int, logger) -> float:
+    timer = StepTimer(warmup)
+    datamodule, module = build_experiment(cfg)
+    trainer = build_trainer(
+        cfg,
+        root,
+        logger=logger,
+        callbacks=[timer],
+        max_steps=warmup + steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return statistics.mean(timer.times)
+
+
+def main() -> None:
+    from orchestrator.trial import ResumingMLFlowLogger
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="log every N steps (default: the product's train.log_every_n_steps)",
+    )
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--override", nargs="*", default=[], help="config key=value overrides")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = [
+        "data.name=gaussian_mixture",
+        "network.name=mlp",
+        "diffusion.timesteps=100",
+        "train.bpd_subset=0",
+        "train.val_every_n_steps=100000",
+        *args.override,
+    ]
+    if args.every:
+        overrides.append(f"train.log_every_n_steps={args.every}")
+    cfg = load_config(None, overrides)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("tracking-overhead")
+    plain, logged = [], []
+    for r in range(args.rounds):
+        for variant in ("plain", "logged") if r % 2 == 0 else ("logged", "plain"):
+            if variant == "plain":
+                plain.append(one_round(cfg, tmp / f"p{r}", args.steps, args.warmup, False))
+            else:
+                run = client.create_run(experiment_id)
+                logger = ResumingMLFlowLogger(uri, run.info.run_id, client)
+                logged.append(one_round(cfg, tmp / f"l{r}", args.steps, args.warmup, logger))
+    ratios = [b / a for a, b in zip(plain, logged)]
+    result = {
+        "tracking_overhead_fraction": statistics.median(ratios) - 1,
+        "per_round_ratio": ratios,
+        "plain_ms_per_step": [1000 * t for t in plain],
+        "logged_ms_per_step": [1000 * t for t in logged],
+        "log_every_n_steps": cfg.train.log_every_n_steps,
+        "settings": {
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "overrides": overrides,
+            "store": "sqlite",
+        },
+        "torch": torch.__version__,
+        "mlflow": mlflow.__version__,
+        "device": "cpu",
+    }
+    print(
+        f"logging every {cfg.train.log_every_n_steps} step(s), sqlite store, "
+        f"{args.rounds} alternating rounds x {args.steps} steps"
+    )
+    print(f"{'round':>5} {'plain ms':>9} {'logged ms':>10} {'ratio':>7}")
+    for i, (a, b) in enumerate(zip(plain, logged)):
+        print(f"{i:>5} {1000 * a:>9.2f} {1000 * b:>10.2f} {b / a:>7.3f}")
+    goal = "ok" if result["tracking_overhead_fraction"] <= 0.02 else "ABOVE GOAL"
+    print(
+        f"tracking_overhead_fraction = {result['tracking_overhead_fraction']:+.4f} "
+        f"(goal <= 0.02: {goal})"
+    )
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
