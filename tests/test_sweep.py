@@ -218,3 +218,41 @@ def test_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
     assert len(evals) == 6 and all(r.data.params["train.lr"] == "0.003" for r in evals)
     report = (tmp_path / "reports" / "nan" / "report.md").read_text()
     assert "1e+30" not in report  # excluded from the best configurations
+
+
+@pytest.mark.slow
+def test_asha_stops_bad_trials_and_skips_their_evaluations(tmp_path):
+    import mlflow
+
+    text = (SWEEPS / "mixture_quick.yaml").read_text()
+    text = text.replace(
+        "diffusion.schedule: [linear, cosine]", "train.lr: [3.0e-3, 2.0e-3, 1.0e-7]"
+    )
+    text = text.replace("max_concurrent_trials: 2", "max_concurrent_trials: 1\n  scheduler: asha")
+    path = write(tmp_path, text)
+    out = run_cli(
+        "run",
+        str(path),
+        "base.train.max_steps=200",
+        "base.train.val_every_n_steps=50",
+        "base.eval.num_samples=80",
+        "tune.grace_period=1",
+        "tune.reduction_factor=2",
+        "--name",
+        "asha",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    trains = {
+        r.data.params["train.lr"]: r for r in runs if r.data.tags["ddpm_sweep.role"] == "train"
+    }
+    stopped = trains["1e-07"]  # far worse than the two before it at the first rung
+    assert stopped.info.status == "KILLED"
+    assert len(client.get_metric_history(stopped.info.run_id, "val/loss_simple")) < 4
+    evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
+    assert {r.data.params["train.lr"] for r in evals} <= {"0.003", "0.002"}
+    assert evals and not any(
+        r.data.tags["ddpm_sweep.train_run_id"] == stopped.info.run_id for r in evals
+    )
