@@ -1,0 +1,396 @@
+"""Helpers shared by the sweep benchmarks (`sweep_savings.py`, `sweep_overhead.py`).
+
+Not a benchmark itself. Two halves:
+
+* worker side: `timed_trainable`, the Tune trainable both benchmarks run instead of the product's
+  `tune.with_parameters(train_and_evaluate, ctx=ctx)`. It calls the product's
+  `train_and_evaluate` unchanged and times each phase of the trial from inside the worker
+  process. This module imports nothing heavy at module level (stdlib only) and the context
+  arrives as a plain dict, so torch / Lightning / MLflow / the product are imported inside the
+  trial, where the import time is measured (the product's trainable pays the same imports when
+  the worker loads the trainable, before Tune's clock for the trial starts);
+* driver side: starting Ray, running `run_sweep` with the trainable swapped in, reading back
+  Tune's per-trial results and the MLflow evaluation runs.
+
+Ray puts the driver script's directory (`benchmarks/`) on the workers' `sys.path`, so the
+workers import this module by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Phases of one trial, in the order they are printed. Each is exclusive time (a timed call
+# nested in another counts only for the inner one), so they add up to the trial's total.
+PHASES = (
+    "imports",  # torch, pytorch_lightning, mlflow, orchestrator.trial (0 once imported)
+    "build",  # build_experiment: data module + network
+    "fit",  # Lightning fit incl. validation and checkpoint writing, excl. MLflow and Tune calls
+    "evaluate",  # evaluate_module: sampling + metrics + PNGs, per cell
+    "mlflow",  # every MlflowClient call (runs, params, metrics, artifacts), incl. Lightning's
+    "run_tags",  # the tags of each new MLflow run: `git rev-parse` + package versions
+    "tune_report",  # tune.report (incl. persisting the checkpoint to the storage path)
+    "other",  # the rest: config, prepare_context, temp dirs, ...
+)
+MLFLOW_METHODS = (
+    "__init__",
+    "create_run",
+    "log_batch",
+    "log_artifact",
+    "log_artifacts",
+    "set_terminated",
+    "set_tag",
+    "search_runs",
+    "get_run",
+    "get_metric_history",
+    "update_run",
+    "log_param",
+    "log_metric",
+    "get_experiment_by_name",
+)
+
+
+class _PhaseClock:
+    """Exclusive time per phase for nested timed calls (one thread: one trial per actor)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.each: dict[str, list[float]] = {}  # every call's (inclusive) seconds, per name
+        self._stack: list[list] = []  # [name, start, time spent in timed children]
+
+    def wrap(self, name: str, fn):
+        clock = self
+
+        def timed(*args, **kwargs):
+            clock._stack.append([name, time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _, start, child = clock._stack.pop()
+                elapsed = time.perf_counter() - start
+                clock.totals[name] = clock.totals.get(name, 0.0) + elapsed - child
+                clock.calls[name] = clock.calls.get(name, 0) + 1
+                clock.each.setdefault(name, []).append(elapsed)
+                if clock._stack:
+                    clock._stack[-1][2] += elapsed
+
+        timed.__wrapped__ = fn
+        return timed
+
+
+@contextlib.contextmanager
+def _patched(targets: list[tuple[Any, str, str]], clock: _PhaseClock):
+    """Replace obj.attr with a timed wrapper for the duration (restored after: actors may be
+    reused for the next trial)."""
+    saved = []
+    try:
+        for obj, attr, phase in targets:
+            original = getattr(obj, attr)
+            saved.append((obj, attr, original))
+            setattr(obj, attr, clock.wrap(phase, original))
+        yield
+    finally:
+        for obj, attr, original in reversed(saved):
+            setattr(obj, attr, original)
+
+
+def single_cell(params: dict, ctx):
+    """Naive-grid trial: its sampling keys (grid axes on the trainable here) become the trial
+    context's single sampling cell; the rest are the training params."""
+    training = {k: v for k, v in params.items() if not k.startswith("sample.")}
+    lists, scalars = {}, {}
+    for k, v in params.items():
+        if not k.startswith("sample."):
+            continue
+        if isinstance(ctx.base["sample"][k.split(".", 1)[1]], list):
+            lists[k] = [v]  # guidance, variance, steps: list-valued in the run config
+        else:
+            scalars[k] = v  # sampler, eta, ...: one scalar combination
+    ctx = dataclasses.replace(ctx, sampling_lists=lists, sampling_grid=[scalars])
+    return training, ctx
+
+
+def timed_trainable(
+    params: dict,
+    *,
+    ctx: dict,
+    timing_dir: str,
+    naive: bool = False,
+    seed_first: bool = False,
+    env: dict | None = None,
+) -> None:
+    """The product's `train_and_evaluate(params, ctx)`, timed phase by phase; writes one JSON
+    per trial to `timing_dir`. `naive`: evaluate only this trial's single sampling cell.
+    `env`: environment variables set for the trial (restored after)."""
+    t_first = time.time()
+    fresh_process = "torch" not in sys.modules
+    clock = _PhaseClock()
+    start = time.perf_counter()
+    import mlflow
+    import pytorch_lightning
+    import torch
+
+    import orchestrator.trial as trial_mod
+
+    imports_s = time.perf_counter() - start
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    trial_ctx = trial_mod.TrialContext(**ctx)
+    config = dict(params)
+    if naive:
+        params, trial_ctx = single_cell(params, trial_ctx)
+    if seed_first:  # variant: seed before build_experiment (the network's init), see README
+        seed = int(params.get("train.seed", trial_ctx.base["train"]["seed"]))
+        pytorch_lightning.seed_everything(seed, workers=True, verbose=False)
+    targets = [
+        (trial_mod, "build_experiment", "build"),
+        (trial_mod, "fit", "fit"),
+        (trial_mod, "evaluate_module", "evaluate"),
+        (trial_mod, "run_tags", "run_tags"),
+        (tune, "report", "tune_report"),
+        *[(MlflowClient, m, f"mlflow.{m}") for m in MLFLOW_METHODS if hasattr(MlflowClient, m)],
+    ]
+    if hasattr(mlflow, "flush_async_logging"):  # the trial logger's finalize calls it
+        targets.append((mlflow, "flush_async_logging", "mlflow.flush_async_logging"))
+    error = None
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    start = time.perf_counter()
+    try:
+        with _patched(targets, clock):
+            trial_mod.train_and_evaluate(params, trial_ctx)
+    except BaseException as err:
+        error = repr(err)
+        raise
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        compute_s = time.perf_counter() - start
+        mlflow_detail = {k: v for k, v in clock.totals.items() if k.startswith("mlflow.")}
+        totals = clock.totals | {"mlflow": sum(mlflow_detail.values())}
+        phases = {"imports": imports_s} | {p: totals.get(p, 0.0) for p in PHASES[1:-1]}
+        phases["other"] = compute_s - sum(v for k, v in phases.items() if k != "imports")
+        trial = tune.get_context()
+        record = {
+            "trial_id": trial.get_trial_id(),
+            "trial_name": trial.get_trial_name(),
+            "params": config,
+            "pid": os.getpid(),
+            "fresh_process": fresh_process,
+            "torch_threads": torch.get_num_threads(),
+            "t_first": t_first,  # wall clock at the trainable's first line
+            "t_return": time.time(),  # wall clock when train_and_evaluate returned
+            "compute_s": compute_s,  # train_and_evaluate, imports excluded
+            "phases_s": phases,
+            "mlflow_s": mlflow_detail,
+            "calls": clock.calls,
+            "each_call_s": clock.each,
+            "error": error,
+        }
+        path = Path(timing_dir) / f"{record['trial_id']}.json"
+        path.write_text(json.dumps(record, default=str))
+
+
+# -- driver side ---------------------------------------------------------------------------------
+
+
+def start_ray(log_to_driver: bool = True) -> dict:
+    """A new local Ray instance (never someone else's cluster), as the product starts it
+    (`ray.init(address=None, log_to_driver=True)`), timed; then a first task's round trip."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(address="local", log_to_driver=log_to_driver)
+    init_s = time.perf_counter() - t0
+
+    @ray.remote(num_cpus=1)
+    def _ping():
+        return os.getpid()
+
+    t0 = time.perf_counter()
+    ray.get(_ping.remote())
+    first_task_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.get(_ping.remote())
+    warm_task_s = time.perf_counter() - t0
+    return {
+        "ray_init_s": init_s,
+        "first_task_s": first_task_s,
+        "warm_task_s": warm_task_s,
+        "cluster_cpus": ray.cluster_resources().get("CPU", 0.0),
+    }
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+@contextlib.contextmanager
+def swapped(obj, attr: str, value):
+    original = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, original)
+
+
+def timed_trainable_factory(
+    timing_dir: Path, *, naive: bool = False, seed_first: bool = False, env: dict | None = None
+):
+    """Drop-in for `orchestrator.sweep._trainable(sweep, ctx)`: the same resources, with
+    `timed_trainable` and the context as a plain dict."""
+
+    def factory(sweep, ctx):
+        from ray import tune
+
+        t = sweep.tune
+        return tune.with_resources(
+            tune.with_parameters(
+                timed_trainable,
+                ctx=dataclasses.asdict(ctx),
+                timing_dir=str(timing_dir),
+                naive=naive,
+                seed_first=seed_first,
+                env=env,
+            ),
+            {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+        )
+
+    return factory
+
+
+@contextlib.contextmanager
+def tune_config_extra(**extra):
+    """Add settings to the `tune.TuneConfig` that `run_sweep` builds (e.g. reuse_actors=True)."""
+    from ray import tune
+
+    if not extra:
+        yield
+        return
+    original = tune.TuneConfig
+
+    def make(*args, **kwargs):
+        return original(*args, **(kwargs | extra))
+
+    with swapped(tune, "TuneConfig", make):
+        yield
+
+
+def run_timed_sweep(
+    sweep,
+    workdir: Path,
+    *,
+    naive: bool = False,
+    seed_first: bool = False,
+    env: dict | None = None,
+    tune_extra: dict | None = None,
+) -> dict:
+    """`run_sweep(sweep)` with a fresh sqlite MLflow file and Tune storage under `workdir`,
+    the trainable swapped for `timed_trainable`. Returns wall times, per-trial timing records
+    (joined with Tune's results) and the tracking URI."""
+    import orchestrator.sweep as sweep_mod
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    timing_dir = workdir / "timings"
+    timing_dir.mkdir(exist_ok=True)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    storage = workdir / "tune"
+    factory = timed_trainable_factory(timing_dir, naive=naive, seed_first=seed_first, env=env)
+    cwd = os.getcwd()
+    os.chdir(workdir)  # MLflow's default artifact root is ./mlruns
+    t_start = time.time()
+    try:
+        with swapped(sweep_mod, "_trainable", factory), tune_config_extra(**(tune_extra or {})):
+            summary = sweep_mod.run_sweep(sweep, tracking_uri=uri, storage_path=str(storage))
+    finally:
+        os.chdir(cwd)
+    t_end = time.time()
+    tune_results = read_tune_results(sweep_mod.experiment_dir(sweep, str(storage)))
+    trials = []
+    for path in sorted(timing_dir.glob("*.json")):
+        rec = json.loads(path.read_text())
+        result = tune_results.get(rec["trial_id"], {})
+        rec["time_total_s"] = result.get("time_total_s")
+        rec["final_metrics"] = {
+            k: v for k, v in result.items() if isinstance(v, (int, float)) and "/" in k
+        }
+        trials.append(rec)
+    return {
+        "t_start": t_start,
+        "t_end": t_end,
+        "wall_s": t_end - t_start,
+        "run_sweep_wall_s": summary["wall_seconds"],  # run_sweep's own: Ray init + Tune fit
+        "errored": summary["errored"],
+        "num_trials": len(summary["trials"]),
+        "trials": trials,
+        "tracking_uri": uri,
+        "experiment": sweep.name,
+    }
+
+
+def read_tune_results(exp_dir: Path) -> dict[str, dict]:
+    """Each trial's last result (`result.json` is one JSON object per report), by trial id."""
+    out = {}
+    for path in exp_dir.glob("*/result.json"):
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if lines:
+            last = json.loads(lines[-1])
+            out[last["trial_id"]] = last
+    return out
+
+
+def slot_gaps(trials: list[dict], slots: int, t_start: float, t_end: float) -> dict:
+    """Per-trial start cost from the workers' own clocks. With FIFO scheduling and equal
+    resources, the i-th trial to start (i >= slots) took the slot freed by the (i - slots)-th
+    trial to return; gap = its first line - that return (Tune's bookkeeping, stopping the
+    actor, a new worker process, creating the actor; with reuse_actors, resetting the actor).
+    The first `slots` trials: first line - the run_sweep call."""
+    firsts = sorted(t["t_first"] for t in trials)
+    returns = sorted(t["t_return"] for t in trials)
+    first_wave = [f - t_start for f in firsts[:slots]]
+    gaps = [firsts[i] - returns[i - slots] for i in range(slots, len(firsts))]
+    return {
+        "first_wave_start_s": first_wave,
+        "slot_gap_s": gaps,
+        "tail_s": t_end - returns[-1] if returns else None,
+    }
+
+
+def eval_metrics(tracking_uri: str, experiment: str) -> dict[tuple, dict[str, float]]:
+    """Every evaluation run's metrics keyed by (schedule, variance, guidance, steps) plus any
+    other sampling params, read back from MLflow."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`ddpm_sweep.role` = 'eval'", max_results=10000
+    )
+    out = {}
+    for r in runs:
+        p = r.data.params
+        key = (
+            p["diffusion.schedule"],
+            p["sample.variance"],
+            float(p["sample.guidance"]),
+            int(p["sample.steps"]),
+        )
+        if key in out:
+            raise RuntimeError(f"{experiment}: two evaluation runs for cell {key}")
+        out[key] = dict(r.data.metrics)
+    return out
