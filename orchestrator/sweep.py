@@ -160,15 +160,14 @@ def _tuner(sweep: Sweep, ctx: TrialContext, exp_dir: Path):
             max_concurrent_trials=t.max_concurrent_trials,
             search_alg=_searcher(sweep),
             scheduler=_scheduler(sweep),
-            # Reuse trial processes: a fresh one spends ~9 s importing torch, Lightning and
-            # MLflow (benchmarks/sweep_overhead.py: wall_over_ideal 3.33 -> 1.61 on 16 trials).
-            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
             storage_path=str(exp_dir.parent),
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Two, not one: a driver killed between deleting the older checkpoint and
+            # snapshotting the experiment state must still find the one the state names.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=1,
         ),
     )
