@@ -15,12 +15,18 @@ in a subprocess before Ray starts, and inside every trial), each trial's start c
 between a trial returning and the next trial's first line in that slot: Tune's bookkeeping,
 stopping the actor, a new worker process, creating the actor) and each phase's share.
 
-``--variants`` runs the sweep again with a change, in the same run, on the same Ray instance:
-``reuse_actors`` (``TuneConfig(reuse_actors=True)``, which Ray 2.60 supports for function
-trainables through ``FunctionTrainable.reset_config``: the next trial runs in the same worker
-process, so no new process and no re-imports) and ``seed_init`` (seed before the network is
-built; see the README). ``max_result_difference`` compares the trials' final validation loss
-between variants, trial by trial.
+``--variants`` runs the sweep again with changes (joined by ``+``), in the same run, on the same
+Ray instance: ``reuse_actors`` / ``no_reuse_actors`` (``TuneConfig(reuse_actors=...)`` whatever
+the product sets; Ray 2.60 supports reuse for function trainables through
+``FunctionTrainable.reset_config``: the next trial runs in the finished trial's worker process,
+with no new process and no re-imports), ``mlflow_buffering``
+(``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=1`` in the trial: MLflow's async-logging thread then
+exits at once on a flush instead of finishing a 1 s queue poll) and ``seed_init`` (seed before
+the network is built; see the README). ``default`` is the product as it stands.
+``max_result_difference`` compares the trials' final validation loss between variants.
+
+A Ray instance stopped from outside (``ray stop`` kills every Ray process on the machine) ends
+the run; the variants finished by then are still written, with the error.
 
     .venv/bin/python benchmarks/sweep_overhead.py --out /tmp/bench_sweep_overhead.json
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,8 +55,10 @@ GOAL = 1.2
 # A variant is "default" or a "+"-joined list of these changes.
 CHANGES = {
     # Tune runs the next trial in the finished trial's actor (its worker process) when the
-    # resources match: Ray 2.60 supports it for function trainables (reset_config).
+    # resources match: Ray 2.60 supports it for function trainables (reset_config). Without it
+    # every trial is a new worker process that imports torch, Lightning and MLflow again.
     "reuse_actors": {"tune_extra": {"reuse_actors": True}},
+    "no_reuse_actors": {"tune_extra": {"reuse_actors": False}},
     # MLflow's async-logging thread waits on its queue with a 1 s timeout, so each shut-down of
     # the queue (mlflow.flush_async_logging in the logger's finalize, then set_terminated) can
     # block up to 1 s; with buffering it waits on the stop event instead and exits at once.
@@ -140,8 +149,6 @@ def fresh_import_times() -> dict:
 
 
 def _env() -> dict:
-    import os
-
     return dict(os.environ)
 
 
@@ -264,10 +271,11 @@ def conclusions(stats: dict, fresh: dict, ray_start: dict) -> dict:
         "overhead_s": {k: v for k, v in overhead.items()},
         "mlflow_share_of_compute": mlflow_share,
         "notes": [
-            f"Every trial starts a new Ray worker process and re-imports torch, Lightning, "
-            f"MLflow and the product: {base['imports_fresh_process_median_s']:.1f} s median "
-            f"per trial inside the sweep ({fresh['imports_s']:.1f} s in an idle process), "
-            f"plus {base['trial_start_gap_median_s'] or 0:.1f} s median between one trial "
+            f"{base['trials']} trials ran in {base['processes']} worker process(es); a fresh "
+            f"process spends {base['imports_fresh_process_median_s']:.1f} s (median inside the "
+            f"sweep; {fresh['imports_s']:.1f} s in an idle process) importing torch, Lightning, "
+            f"MLflow and the product before its trial starts, and {base['imports_s']:.0f} s in "
+            f"all; {base['trial_start_gap_median_s'] or 0:.2f} s median between one trial "
             f"returning and the next starting in its slot.",
             f"Ray start-up: ray.init {ray_start['ray_init_s']:.1f} s, first task "
             f"{ray_start['first_task_s']:.1f} s.",
@@ -302,7 +310,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-overhead-"))
     import ray
 
-    runs = {}
+    runs: dict = {}
+    failed: dict[str, str] = {}
     try:
         sweeps = {
             v: build_sweep(args, tmp, f"overhead-{v.replace('+', '-')}") for v in args.variants
@@ -311,9 +320,22 @@ def main() -> None:
         slots = int(min(args.concurrency, ray_start["cluster_cpus"] // args.cpus_per_trial))
         for variant in args.variants:
             print(f"\n=== {variant}: {args.trials} trials ===", flush=True)
-            runs[variant] = _sweeps.run_timed_sweep(
-                sweeps[variant], tmp / variant.replace("+", "-"), **variant_kwargs(variant)
-            )
+            load = os.getloadavg()[0]
+            try:
+                runs[variant] = _sweeps.run_timed_sweep(
+                    sweeps[variant], tmp / variant.replace("+", "-"), **variant_kwargs(variant)
+                )
+            except Exception as err:  # e.g. Ray stopped from outside: keep what finished
+                failed[variant] = repr(err)
+                print(f"=== {variant}: FAILED: {err!r} ===", flush=True)
+                break
+            runs[variant]["load_average_1min"] = [load, os.getloadavg()[0]]
+            if runs[variant]["num_trials"] != len(runs[variant]["trials"]):
+                failed[variant] = (
+                    f"{len(runs[variant]['trials'])} of {runs[variant]['num_trials']} trials "
+                    "wrote timings (errored trials, or Ray stopped from outside)"
+                )
+                print(f"WARNING: {variant}: {failed[variant]}", flush=True)
             print(f"=== {variant}: {runs[variant]['wall_s']:.1f} s wall ===", flush=True)
     finally:
         if ray.is_initialized():
@@ -321,7 +343,11 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    if not runs:
+        raise SystemExit(f"no variant finished: {failed}")
     stats = {v: analyse(r, slots, ray_start["ray_init_s"]) for v, r in runs.items()}
+    for v, r in runs.items():
+        stats[v]["load_average_1min"] = r["load_average_1min"]
     first = stats[args.variants[0]]
     result = {
         "benchmark": "sweep_overhead",
@@ -355,6 +381,7 @@ def main() -> None:
         "fresh_process_imports": fresh,
         "variants": stats,
         "max_result_difference": result_differences(stats),
+        "failed": failed,
         "conclusions": conclusions(stats, fresh, ray_start),
         "trials": {
             v: [

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -163,6 +164,7 @@ def trial_seconds(run: dict, cells: dict) -> dict:
         "phases_s": phases,
         "mlflow_s": mlflow_detail,
         "wall_s": run["wall_s"],
+        "load_average_1min": run["load_average_1min"],
         "eval_cells": len(cells),
         "errored": run["errored"],
     }
@@ -221,9 +223,18 @@ def main() -> None:
         for way in order:
             sweep = planned if way == "planned" else naive
             print(f"\n=== {way}: run_sweep({sweep.name}) ===", flush=True)
+            load = os.getloadavg()[0]
             runs[way] = _sweeps.run_timed_sweep(
                 sweep, tmp / way, naive=way == "naive", seed_first=args.seed_init
             )
+            runs[way]["load_average_1min"] = [load, os.getloadavg()[0]]
+            if runs[way]["num_trials"] != len(runs[way]["trials"]) or runs[way]["errored"]:
+                print(
+                    f"WARNING: {way}: {len(runs[way]['trials'])} of {runs[way]['num_trials']} "
+                    f"trials wrote timings, {runs[way]['errored']} errored (Ray stopped from "
+                    "outside?)",
+                    flush=True,
+                )
             print(f"=== {way}: {runs[way]['wall_s']:.1f} s wall ===", flush=True)
         metrics = {
             w: _sweeps.eval_metrics(r["tracking_uri"], r["experiment"]) for w, r in runs.items()
