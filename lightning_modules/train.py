@@ -58,7 +58,10 @@ def resolve_network_config(cfg: DictConfig, datamodule) -> NetworkConfig:
 
 
 def build_experiment(cfg: DictConfig):
-    """(datamodule, module) for a validated config."""
+    """(datamodule, module) for a validated config. Seeds from ``train.seed`` first, so the
+    network's initial weights depend on the config alone, not on what the process ran before
+    (a Ray worker reused across trials, a benchmark that trains twice)."""
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     net = build_network(resolve_network_config(cfg, datamodule))
     process = GaussianDiffusion.from_schedule(

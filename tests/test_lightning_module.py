@@ -220,3 +220,17 @@ def test_same_seed_gives_the_same_first_losses(tmp_path):
         losses[name] = recorder.losses
     assert len(losses["a"]) == 5 and losses["a"] == losses["b"]
     assert losses["c"] != losses["a"]
+
+
+def test_initial_weights_depend_on_the_config_not_the_process_history():
+    """A reused Ray worker has drawn random numbers for earlier trials; the next trial's network
+    must still start from the weights its seed gives (this made the planned and the naive sweep
+    of benchmarks/sweep_savings.py disagree by up to 0.5 in a metric)."""
+    cfg = load_config(None, [*FAST, *MIXTURE, "train.seed=3"])
+    torch.manual_seed(123)
+    first = build_experiment(cfg)[1].net.state_dict()
+    torch.rand(1000)  # what an earlier trial in the same process would have done
+    second = build_experiment(cfg)[1].net.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build_experiment(load_config(None, [*FAST, *MIXTURE, "train.seed=4"]))[1]
+    assert not all(torch.equal(first[k], v) for k, v in other.net.state_dict().items())
