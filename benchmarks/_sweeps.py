@@ -320,7 +320,7 @@ def run_timed_sweep(
     finally:
         os.chdir(cwd)
     t_end = time.time()
-    tune_results = read_tune_results(sweep_mod.experiment_dir(sweep, str(storage)))
+    tune_results = read_tune_results(Path(sweep_mod.experiment_location(str(storage), sweep.name)))
     trials = []
     for path in sorted(timing_dir.glob("*.json")):
         rec = json.loads(path.read_text())

@@ -155,7 +155,7 @@ def _print_summary(summary: dict) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import experiment_dir, plan, preflight, run_sweep
+    from .sweep import experiment_location, plan, preflight, run_sweep
     from .sweep_config import load_sweep
     from .tracking import tracking_uri
 
@@ -168,7 +168,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         f"({p['evaluations']} evaluated pairs; a naive grid would train {p['naive_trainings']})"
     )
     print(
-        f"Tune state: {experiment_dir(sweep, args.storage_path)} "
+        f"Tune state: {experiment_location(args.storage_path, sweep.name)} "
         "(continue a killed sweep with `ddpm-sweep resume` on it)"
     )
     summary = run_sweep(

@@ -19,6 +19,16 @@ from omegaconf import OmegaConf
 
 from lightning_modules.config import to_yaml
 
+from .cluster import (  # noqa: F401  (experiment_location: used by the CLI)
+    check_storage_visible,
+    connect,
+    describe_cluster,
+    experiment_location,
+    is_uri,
+    local_path,
+    read_text,
+    write_text,
+)
 from .sweep_config import Axis, Sweep, sampling_overrides, training_grid
 from .tracking import run_tags
 from .trial import TrialContext, sampling_grid, train_and_evaluate
@@ -135,18 +145,11 @@ def _trainable(sweep: Sweep, ctx: TrialContext):
     t = sweep.tune
     return tune.with_resources(
         tune.with_parameters(train_and_evaluate, ctx=ctx),
-        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial} | dict(t.resources_per_trial),
     )
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
-
-def _tuner(sweep: Sweep, ctx: TrialContext, exp_dir: Path):
+def _tuner(sweep: Sweep, ctx: TrialContext, location: str):
     from ray import tune
 
     t = sweep.tune
@@ -163,7 +166,7 @@ def _tuner(sweep: Sweep, ctx: TrialContext, exp_dir: Path):
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=str(exp_dir.parent),
+            storage_path=location.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
             # Two, not one: a driver killed between deleting the older checkpoint and
             # snapshotting the experiment state must still find the one the state names.
@@ -173,8 +176,11 @@ def _tuner(sweep: Sweep, ctx: TrialContext, exp_dir: Path):
     )
 
 
-def experiment_dir(sweep: Sweep, storage_path: str | None) -> Path:
-    return Path(storage_path or "ddpm_sweep_runs").resolve() / sweep.name
+def _connect(address: str | None, storage_path: str | None) -> None:
+    """Start or join Ray; on a cluster, refuse a storage path some node cannot see."""
+    connect(address)
+    if address is not None:
+        check_storage_visible(storage_path)
 
 
 def run_sweep(
@@ -185,10 +191,9 @@ def run_sweep(
     storage_path: str | None = None,
     overrides: list[str] = (),
 ) -> dict[str, Any]:
-
-    exp_dir = experiment_dir(sweep, storage_path)
+    location = experiment_location(storage_path, sweep.name)
+    _connect(address, storage_path)  # before anything is recorded: a refused sweep leaves no run
     experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
-    exp_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "sweep_file": str(Path(sweep.source).resolve()),
         "overrides": list(overrides),
@@ -198,13 +203,12 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "address": address,
     }
-    (exp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    write_text(location, STATE_FILE, json.dumps(state, indent=2))
     ctx = _context(sweep, tracking_uri, experiment_id, parent_run_id)
     client = mlflow.MlflowClient(tracking_uri)
     start = time.time()
     try:
-        _init_ray(address)
-        tuner = _tuner(sweep, ctx, exp_dir)
+        tuner = _tuner(sweep, ctx, location)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
@@ -215,6 +219,7 @@ def run_sweep(
 def _finish(client, results, sweep, experiment_id, parent_run_id, start) -> dict[str, Any]:
     close_orphan_runs(client, experiment_id, parent_run_id)
     summary = summarize(results, sweep, time.time() - start)
+    summary["cluster"] = describe_cluster()
     summary["best"] = publish_best(client, sweep, parent_run_id)
     client.log_dict(parent_run_id, summary, "summary.json")
     client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
@@ -230,32 +235,34 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
 
     from .sweep_config import load_sweep
 
-    exp_dir = Path(directory).resolve()
-    state_file = exp_dir / STATE_FILE
-    if not state_file.is_file():
+    directory = str(directory)
+    location = directory.rstrip("/") if is_uri(directory) else str(local_path(directory))
+    text = read_text(location, STATE_FILE)
+    if text is None:
         raise ValueError(
-            f"{exp_dir}: not a ddpm-sweep experiment directory (no {STATE_FILE}); "
+            f"{location}: not a ddpm-sweep experiment directory (no {STATE_FILE}); "
             "pass the directory `ddpm-sweep run` printed, <storage-path>/<name>"
         )
-    state = json.loads(state_file.read_text())
+    state = json.loads(text)
     sweep = load_sweep(state["sweep_file"], state["overrides"], state["name"])
+    address = address or state.get("address")
+    _connect(address, location.rsplit("/", 1)[0])
     client = mlflow.MlflowClient(state["tracking_uri"])
     client.update_run(state["parent_run_id"], status="RUNNING")
     ctx = _context(sweep, state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
     start = time.time()
     try:
-        _init_ray(address or state.get("address"))
-        if tune.Tuner.can_restore(str(exp_dir)):
+        if tune.Tuner.can_restore(location):
             tuner = tune.Tuner.restore(
-                str(exp_dir), _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
+                location, _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
             )
         else:  # killed before Tune wrote any state: start the trials afresh, same parent run
             log.warning(
                 "%s has no Tune checkpoint yet: starting the sweep's trials fresh "
                 "(same MLflow parent run)",
-                exp_dir,
+                location,
             )
-            tuner = _tuner(sweep, ctx, exp_dir)
+            tuner = _tuner(sweep, ctx, location)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(state["parent_run_id"], "FAILED")
@@ -336,6 +343,7 @@ def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:
             {
                 "config": r.config,
                 "error": str(r.error) if r.error else None,
+                "node_id": (r.metrics or {}).get("node_id"),  # the Ray node that trained it
                 "metrics": {
                     k: v
                     for k, v in (r.metrics or {}).items()

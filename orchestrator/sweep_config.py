@@ -56,6 +56,9 @@ class TuneSettings:
     seed: int = 0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    # Custom Ray resources per trial, e.g. {accelerator_type:A100: 0.01} or a label that `ray
+    # start --resources` gave some nodes: trials then only run on nodes that have it.
+    resources_per_trial: dict[str, float] = field(default_factory=dict)
     grace_period: int = 1  # ASHA: reports before a trial can be stopped
     reduction_factor: int = 2
 
@@ -181,6 +184,14 @@ def _check_tune(where: str, t: TuneSettings, base: DictConfig, axes: list[Axis])
     expect(t.max_failures >= 0, "max_failures", t.max_failures, "an integer >= 0")
     expect(t.cpus_per_trial > 0, "cpus_per_trial", t.cpus_per_trial, "a number > 0")
     expect(t.gpus_per_trial >= 0, "gpus_per_trial", t.gpus_per_trial, "a number >= 0")
+    for name, amount in t.resources_per_trial.items():
+        expect(amount > 0, f"resources_per_trial.{name}", amount, "a number > 0")
+        expect(
+            name.upper() not in ("CPU", "GPU"),
+            f"resources_per_trial.{name}",
+            amount,
+            "a custom resource name (use cpus_per_trial / gpus_per_trial for CPUs and GPUs)",
+        )
     expect(t.grace_period >= 1, "grace_period", t.grace_period, "an integer >= 1")
     expect(t.reduction_factor >= 2, "reduction_factor", t.reduction_factor, "an integer >= 2")
     searched = [a for a in axes if not a.sampling_time and a.kind != "grid"]

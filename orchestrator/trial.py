@@ -127,6 +127,7 @@ def _create_run(client, ctx: TrialContext, name: str, role: str, params: dict, e
 
 def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable (function API)."""
+    import ray
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -156,7 +157,9 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     else:  # a retried or resumed trial re-attaches to its run
         client.update_run(run_id, status="RUNNING")
         log.info("trial %s re-attached to MLflow run %s", trial.get_trial_name(), run_id)
+    node_id = ray.get_runtime_context().get_node_id()
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
+    client.set_tag(run_id, "ddpm_sweep.node_id", node_id)  # which Ray node trained it
     logger = ResumingMLFlowLogger(ctx.tracking_uri, run_id, client)
     try:
         result = fit(
@@ -176,7 +179,8 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         raise
     client.set_terminated(run_id, "FINISHED")
     # The final report repeats the training metrics: Tune's searcher and summary need them.
-    tune.report({k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary)
+    final = {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
+    tune.report(final | {"node_id": node_id})
 
 
 def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:

@@ -75,6 +75,14 @@ def test_plan_trains_once_per_training_configuration():
             r"tune.schedular: Key 'schedular' not in 'TuneSettings'. Did you mean: 'scheduler'",
         ),
         ("tune: {max_concurrent_trials: 0}\n", "tune.max_concurrent_trials = 0"),
+        (
+            "tune: {resources_per_trial: {node_a: 0}}\n",
+            r"tune.resources_per_trial.node_a = 0.0 is invalid: expected a number > 0",
+        ),
+        (
+            "tune: {resources_per_trial: {GPU: 1}}\n",
+            r"tune.resources_per_trial.GPU = 1.0 is invalid: expected a custom resource name",
+        ),
         ("serach: {}\n", r"serach: unknown top-level key; did you mean 'search'"),
         (
             "base: {diffusion: {timesteps: 50}}\nsearch:\n  sample.steps: [10, 100]\n",
