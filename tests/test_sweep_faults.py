@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
+from sweep_helpers import assert_complete, runs_of, wait_for
 
 SWEEP = Path(__file__).parents[1] / "sweeps" / "mixture_quick.yaml"
 ARGS = [
@@ -26,26 +25,6 @@ def client_for(tmp_path):
     import mlflow
 
     return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-def runs_of(client, name):
-    exp = client.get_experiment_by_name(name)
-    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=200)
-
-
-def wait_for(predicate, proc, timeout=400):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep exited early with {proc.returncode}")
-        try:
-            found = predicate()
-        except Exception:  # the database may be mid-migration or locked for a moment
-            found = None
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError("timed out waiting for the sweep")
 
 
 def start_sweep(tmp_path, name):
@@ -70,23 +49,6 @@ def stop_ray():
     )
 
 
-def assert_complete(client, name):
-    runs = runs_of(client, name)
-    roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
-    assert roles == {"sweep": 1, "train": 2, "eval": 12}, roles
-    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
-    evals = Counter(r.info.run_name for r in runs if r.data.tags["ddpm_sweep.role"] == "eval")
-    assert len(evals) == 6 and set(evals.values()) == {2}  # 6 cells × 2 schedules, none twice
-    trains = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "train"]
-    for r in trains:
-        for key in ("val/loss_simple", "train/loss"):
-            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-            assert len(steps) == len(set(steps)), f"{key} logged a step twice: {steps}"
-        val = client.get_metric_history(r.info.run_id, "val/loss_simple")
-        assert len(val) == 300 // 50  # one value per validation, to the end of training
-    return trains
-
-
 @pytest.mark.slow
 def test_killed_trial_worker_resumes_in_the_same_run(tmp_path):
     client = client_for(tmp_path)
@@ -107,7 +69,7 @@ def test_killed_trial_worker_resumes_in_the_same_run(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         stop_ray()
-    trains = assert_complete(client, "worker-kill")
+    trains = assert_complete(client, "worker-kill", max_steps=300, val_every=50)
     again = next(r for r in trains if r.info.run_id == victim.info.run_id)  # same run re-attached
     assert int(again.data.tags["ddpm_sweep.pid"]) != pid
 
@@ -151,7 +113,7 @@ def test_killed_driver_then_resume_completes_without_rerunning(tmp_path):
     )
     stop_ray()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_complete(client, "driver-kill")
+    assert_complete(client, "driver-kill", max_steps=300, val_every=50)
     # The finished trial was not rerun: its history is exactly what it was before the kill.
     after = client.get_metric_history(finished.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in after] == [(m.step, m.value) for m in history_before]

@@ -1,0 +1,51 @@
+"""What the sweep tests that drive `ddpm-sweep` in a subprocess share: finding a sweep's MLflow
+runs, waiting on a running sweep, and checking a finished sweep's MLflow content."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+
+def runs_of(client, name):
+    exp = client.get_experiment_by_name(name)
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=500)
+
+
+def train_runs(client, name):
+    return [r for r in runs_of(client, name) if r.data.tags.get("ddpm_sweep.role") == "train"]
+
+
+def wait_for(predicate, proc, timeout=400):
+    """Poll ``predicate`` until it returns something truthy; fail if the sweep exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited early with {proc.returncode}")
+        try:
+            found = predicate()
+        except Exception:  # the database may be mid-migration, locked, or the server away
+            found = None
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError("timed out waiting for the sweep")
+
+
+def assert_complete(client, name, *, max_steps, val_every, trainings=2, cells=6):
+    """One parent, every training and evaluation run once, all FINISHED, no step logged twice,
+    every validation to the end of training present. Returns the training runs."""
+    runs = runs_of(client, name)
+    roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
+    assert roles == {"sweep": 1, "train": trainings, "eval": trainings * cells}, roles
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    evals = Counter(r.info.run_name for r in runs if r.data.tags["ddpm_sweep.role"] == "eval")
+    assert len(evals) == cells and set(evals.values()) == {trainings}  # none twice
+    trains = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "train"]
+    for r in trains:
+        for key in ("val/loss_simple", "train/loss"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), f"{key} logged a step twice: {steps}"
+        val = client.get_metric_history(r.info.run_id, "val/loss_simple")
+        assert len(val) == max_steps // val_every  # one value per validation, to the end
+    return trains
