@@ -9,6 +9,7 @@ of the sweep's parent run) through Lightning's MLflow logger and to Tune through
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +33,7 @@ from .tracking import cell_suffix, flat_params, run_tags
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"
+METRICS_FILE = "metrics.json"  # what the checkpoint's report said, for a trial resumed at its end
 
 
 @dataclass
@@ -92,6 +94,7 @@ class TuneReportCallback(pl.Callback):
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save_checkpoint(Path(tmp) / "last.ckpt")
             (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
+            (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -135,7 +138,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     trial = tune.get_context()
     client = mlflow.MlflowClient(ctx.tracking_uri)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
-    run_id, ckpt_path = _resume_point(root)
+    run_id, ckpt_path, reported = _resume_point(root)
     if run_id is None:
         run_id = _earlier_run(client, ctx, trial.get_trial_id())
         if run_id is not None:  # retried before its first checkpoint: same run, fresh start
@@ -178,8 +181,10 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    # The final report repeats the training metrics: Tune's searcher and summary need them.
-    final = {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
+    # The final report repeats the training metrics (Tune's searcher, the summary): from this
+    # fit, or, for a trial resumed from the checkpoint at its last step (no step left to run),
+    # from that checkpoint's report.
+    final = reported | {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
     tune.report(final | {"node_id": node_id})
 
 
@@ -194,18 +199,21 @@ def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _resume_point(root: Path) -> tuple[str | None, str | None]:
-    """(MLflow run id, Lightning checkpoint path) from Tune's last checkpoint of this trial."""
+def _resume_point(root: Path) -> tuple[str | None, str | None, dict[str, float]]:
+    """(MLflow run id, Lightning checkpoint path, the metrics reported with it) from Tune's
+    last checkpoint of this trial."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None, None
+        return None, None, {}
     with checkpoint.as_directory() as d:
         run_id = (Path(d) / RUN_ID_FILE).read_text().strip()
         target = root / "resume.ckpt"
         target.write_bytes((Path(d) / "last.ckpt").read_bytes())
-    return run_id, str(target)
+        metrics = Path(d) / METRICS_FILE
+        reported = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    return run_id, str(target), reported
 
 
 def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: str) -> dict:

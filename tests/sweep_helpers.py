@@ -3,8 +3,11 @@ runs, waiting on a running sweep, and checking a finished sweep's MLflow content
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 
 def runs_of(client, name):
@@ -41,6 +44,14 @@ def assert_complete(client, name, *, max_steps, val_every, trainings=2, cells=6)
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
     evals = Counter(r.info.run_name for r in runs if r.data.tags["ddpm_sweep.role"] == "eval")
     assert len(evals) == cells and set(evals.values()) == {trainings}  # none twice
+    (parent,) = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "sweep"]
+    summary = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "summary.json", tempfile.mkdtemp())
+        ).read_text()
+    )
+    # Every trial's final result carries the training metrics, resumed ones too.
+    assert all("val/loss_simple" in t["metrics"] for t in summary["trials"]), summary["trials"]
     trains = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "train"]
     for r in trains:
         for key in ("val/loss_simple", "train/loss"):
