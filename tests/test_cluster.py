@@ -16,21 +16,35 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from ray_nodes import LocalRayCluster
 from services import mlflow_server_fixture, postgres_fixture  # noqa: F401  (fixtures)
 from sweep_helpers import assert_complete, train_runs, wait_for
 
-SWEEP = Path(__file__).parents[1] / "sweeps" / "mixture_quick.yaml"
-MAX_STEPS, VAL_EVERY, LOG_EVERY = 1200, 200, 25
-ARGS = [
-    f"base.train.max_steps={MAX_STEPS}",
-    f"base.train.log_every_n_steps={LOG_EVERY}",
-    f"base.train.val_every_n_steps={VAL_EVERY}",
-    "base.eval.num_samples=80",
-    "tune.max_concurrent_trials=2",
-    # One slot per node and one CPU per node: two trials at once must run on different nodes.
-    "tune.resources_per_trial={trial_slot: 1}",
-]
+MIXTURE = Path(__file__).parents[1] / "sweeps" / "mixture_quick.yaml"
+MAX_STEPS, VAL_EVERY, LOG_EVERY = 800, 200, 25
+OUTAGE_S = 15
+CELLS = 2  # sampling configurations per training: both variances at w = 3
+
+
+def write_sweep(tmp_path: Path) -> Path:
+    """mixture_quick.yaml, longer training (so faults land mid-training), fewer evaluations,
+    and one `trial_slot` per trial: with one slot and one CPU per node, two trials at once must
+    run on different nodes."""
+    spec = yaml.safe_load(MIXTURE.read_text())
+    spec["base"]["train"] |= {
+        "max_steps": MAX_STEPS,
+        "val_every_n_steps": VAL_EVERY,
+        "log_every_n_steps": LOG_EVERY,
+    }
+    spec["base"]["eval"] = {"num_samples": 80}
+    spec["search"] |= {"sample.guidance": [3]}
+    spec["tune"] |= {"max_concurrent_trials": 2, "resources_per_trial": {"trial_slot": 1}}
+    path = tmp_path / "cluster_sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 SLOT = {"trial_slot": 1}
 
 
@@ -77,9 +91,9 @@ def test_sweep_on_two_ray_nodes_tracked_in_mlflow_on_postgres(postgres, mlflow_s
     with LocalRayCluster() as cluster:
         nodes = two_nodes(cluster)
         proc = start_cli(
-            cluster, tmp_path, "run", str(SWEEP), "--name", "native-cluster",
+            cluster, tmp_path, "run", str(write_sweep(tmp_path)), "--name", "native-cluster",
             "--address", cluster.address, "--tracking-uri", mlflow_server.url,
-            "--storage-path", str(tmp_path / "storage"), *ARGS,
+            "--storage-path", str(tmp_path / "storage"),
         )  # fmt: skip
         try:
             wait_for(
@@ -92,13 +106,15 @@ def test_sweep_on_two_ray_nodes_tracked_in_mlflow_on_postgres(postgres, mlflow_s
             )
             down = time.time()
             mlflow_server.stop()
-            time.sleep(20)
+            time.sleep(OUTAGE_S)
             mlflow_server.start()  # same port, same database
             up = time.time()
         finally:
             out = finish(proc, tmp_path)
 
-    trains = assert_complete(client, "native-cluster", max_steps=MAX_STEPS, val_every=VAL_EVERY)
+    trains = assert_complete(
+        client, "native-cluster", max_steps=MAX_STEPS, val_every=VAL_EVERY, cells=CELLS
+    )
     # Both nodes trained: the node each trial reported, and the tag on its MLflow run.
     assert {r.data.tags["ddpm_sweep.node_id"] for r in trains} == nodes
     (parent,) = [
@@ -128,7 +144,7 @@ def test_sweep_on_two_ray_nodes_tracked_in_mlflow_on_postgres(postgres, mlflow_s
             "select status, count(*) from runs where experiment_id = %s group by status",
             (int(parent.info.experiment_id),),
         )
-        assert dict(cur.fetchall()) == {"FINISHED": 1 + 2 + 12}
+        assert dict(cur.fetchall()) == {"FINISHED": 1 + 2 + 2 * CELLS}
     # The best checkpoint downloads over HTTP and is a real Lightning checkpoint.
     best = http_get(
         f"{mlflow_server.url}/api/2.0/mlflow-artifacts/artifacts/"
@@ -153,9 +169,9 @@ def test_ray_head_killed_mid_sweep_then_resumed_on_a_new_cluster(tmp_path):
     with LocalRayCluster() as first:
         two_nodes(first)
         proc = start_cli(
-            first, tmp_path, "run", str(SWEEP), "--name", "head-kill",
+            first, tmp_path, "run", str(write_sweep(tmp_path)), "--name", "head-kill",
             "--address", first.address, "--tracking-uri", tracking,
-            "--storage-path", str(storage), *ARGS,
+            "--storage-path", str(storage),
         )  # fmt: skip
         try:
             mid = wait_for(
@@ -190,7 +206,9 @@ def test_ray_head_killed_mid_sweep_then_resumed_on_a_new_cluster(tmp_path):
         )
         finish(proc, tmp_path)
 
-    trains = assert_complete(client, "head-kill", max_steps=MAX_STEPS, val_every=VAL_EVERY)
+    trains = assert_complete(
+        client, "head-kill", max_steps=MAX_STEPS, val_every=VAL_EVERY, cells=CELLS
+    )
     assert {r.info.run_id for r in trains} == set(before)  # re-attached, no new training runs
     for run_id, history in before.items():
         after = client.get_metric_history(run_id, "val/loss_simple")
@@ -228,7 +246,7 @@ def test_a_storage_path_a_worker_cannot_see_is_refused_before_anything_starts(tm
         two_nodes(cluster, worker_wrapper=hide)
         out = subprocess.run(
             [
-                sys.executable, "-m", "orchestrator.cli", "run", str(SWEEP),
+                sys.executable, "-m", "orchestrator.cli", "run", str(MIXTURE),
                 "--name", "blind", "--address", cluster.address,
                 "--tracking-uri", f"sqlite:///{tracking}", "--storage-path", str(storage),
             ],
