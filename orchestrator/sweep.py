@@ -163,6 +163,7 @@ def _tuner(sweep: Sweep, ctx: TrialContext, location: str):
             max_concurrent_trials=t.max_concurrent_trials,
             search_alg=_searcher(sweep),
             scheduler=_scheduler(sweep),
+            reuse_actors=t.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,

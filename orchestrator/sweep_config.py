@@ -59,6 +59,9 @@ class TuneSettings:
     # Custom Ray resources per trial, e.g. {accelerator_type:A100: 0.01} or a label that `ray
     # start --resources` gave some nodes: trials then only run on nodes that have it.
     resources_per_trial: dict[str, float] = field(default_factory=dict)
+    # Run the next trial in a finished trial's worker process (same resources): a fresh process
+    # spends ~9 s importing torch, Lightning and MLflow (benchmarks/sweep_overhead.py).
+    reuse_actors: bool = True
     grace_period: int = 1  # ASHA: reports before a trial can be stopped
     reduction_factor: int = 2
 
