@@ -84,6 +84,15 @@ def _measure(ctx: EvalContext, x: torch.Tensor, labels: torch.Tensor | None) -> 
     )
 
 
+def sampling_device(cfg) -> torch.device:
+    """Where to sample: the GPU when there is one (unless the run was pinned to the CPU).
+    Lightning hands a fitted module back on the CPU, so evaluation after training must move it
+    back, or a GPU trial would sample on its CPU."""
+    if torch.cuda.is_available() and cfg.train.get("accelerator", "auto") not in ("cpu",):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def evaluate_module(
     module: DiffusionModule,
     datamodule,
@@ -96,6 +105,7 @@ def evaluate_module(
 ) -> list[dict]:
     """One row per (guidance, variance, steps): its settings, metrics, PNG path and timing."""
     out_dir = Path(out_dir)
+    module.to(sampling_device(module.cfg))
     ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
     n = eval_cfg.num_samples if with_metrics else sample_cfg.per_class * max(1, ctx.num_classes)
     labels = eval_labels(ctx.num_classes, n, sample_cfg.per_class)

@@ -342,3 +342,17 @@ def test_evaluation_never_imports_ray_mlflow_or_orchestrator():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not {n.split(".")[0] for n in names} & forbidden, source.name
+
+
+def test_sampling_moves_to_the_gpu_when_there_is_one(monkeypatch):
+    """Lightning returns a fitted module on the CPU; evaluation after a GPU trial must sample on
+    the GPU again, unless the run was pinned to the CPU."""
+    from lightning_modules.config import load_config
+    from lightning_modules.evaluate import sampling_device
+
+    cfg = load_config(None, [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sampling_device(cfg) == torch.device("cuda")
+    assert sampling_device(load_config(None, ["train.accelerator=cpu"])) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sampling_device(cfg) == torch.device("cpu")
