@@ -206,13 +206,14 @@ def timed_trainable(
 # -- driver side ---------------------------------------------------------------------------------
 
 
-def start_ray(log_to_driver: bool = True) -> dict:
+def start_ray(log_to_driver: bool = True, **init_kwargs) -> dict:
     """A new local Ray instance (never someone else's cluster), as the product starts it
-    (`ray.init(address=None, log_to_driver=True)`), timed; then a first task's round trip."""
+    (`ray.init(address=None, log_to_driver=True)`), timed; then a first task's round trip.
+    ``init_kwargs`` go to ray.init (num_cpus=..., include_dashboard=...)."""
     import ray
 
     t0 = time.perf_counter()
-    ray.init(address="local", log_to_driver=log_to_driver)
+    ray.init(address="local", log_to_driver=log_to_driver, **init_kwargs)
     init_s = time.perf_counter() - t0
 
     @ray.remote(num_cpus=1)

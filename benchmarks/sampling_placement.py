@@ -67,6 +67,7 @@ import time
 from pathlib import Path
 
 import _common
+import _sweeps
 import torch
 from omegaconf import OmegaConf
 
@@ -281,19 +282,8 @@ def start_ray(slots: int, quiet: bool) -> dict:
     """A new local Ray in this process (never someone else's cluster: address="local")."""
     import ray
 
-    t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=not quiet)
-    init_s = time.perf_counter() - t0
-
-    @ray.remote(num_cpus=1)
-    def _ping():
-        return os.getpid()
-
-    t0 = time.perf_counter()
-    ray.get(_ping.remote())
-    return {
-        "ray_init_s": init_s,
-        "first_task_s": time.perf_counter() - t0,
+    started = _sweeps.start_ray(log_to_driver=not quiet, num_cpus=slots, include_dashboard=False)
+    return started | {
         "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
         "ray": ray.__version__,
     }
