@@ -64,6 +64,10 @@ class ResumingMLFlowLogger(MLFlowLogger):
     def __init__(self, tracking_uri: str, run_id: str, client):
         # Asynchronous: metrics are queued and written by MLflow's logging thread, so a slow or
         # busy tracking store does not stall training (see benchmarks/tracking_overhead.py).
+        # Buffered (1 s batches): unbuffered, that thread polls its queue with a 1 s timeout, and
+        # each flush and set_terminated waits out a poll: ~2 s per trial, 30 of a 16-trial
+        # sweep's 48 s wall (benchmarks/sweep_overhead.py, variant mlflow_buffering).
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
         super().__init__(tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
         self._last_step = {
             key: max(m.step for m in client.get_metric_history(run_id, key))
