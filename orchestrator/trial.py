@@ -181,6 +181,12 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
         summary = evaluate_cells(client, ctx, cfg, params, result, root, run_id)
+    except SystemExit:
+        # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
+        # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
+        # killing the process. Stopped, not failed; its evaluations are not run.
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
