@@ -155,7 +155,8 @@ def _print_summary(summary: dict) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import experiment_location, plan, preflight, run_sweep
+    from .cluster import experiment_location
+    from .sweep import plan, preflight, run_sweep
     from .sweep_config import load_sweep
     from .tracking import tracking_uri
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules.config import to_yaml
 
-from .cluster import (  # noqa: F401  (experiment_location: used by the CLI)
+from .cluster import (
     check_storage_visible,
     connect,
     describe_cluster,

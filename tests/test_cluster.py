@@ -174,17 +174,19 @@ def test_ray_head_killed_mid_sweep_then_resumed_on_a_new_cluster(tmp_path):
             "--storage-path", str(storage),
         )  # fmt: skip
         try:
-            mid = wait_for(
-                lambda: (
-                    [
-                        r
-                        for r in train_runs(client, "head-kill")
-                        if len(client.get_metric_history(r.info.run_id, "val/loss_simple")) >= 2
-                    ][1:]  # both trainings have reported a checkpoint
-                    and train_runs(client, "head-kill")
-                ),
-                proc,
-            )
+
+            def both_checkpointed():
+                """Both training runs, once each has reported two validations (checkpoints)."""
+                runs = train_runs(client, "head-kill")
+                history = {
+                    r.info.run_id: client.get_metric_history(r.info.run_id, "val/loss_simple")
+                    for r in runs
+                }
+                return (
+                    runs if len(runs) == 2 and all(len(h) >= 2 for h in history.values()) else None
+                )
+
+            mid = wait_for(both_checkpointed, proc)
             first.head.kill()
             try:
                 proc.wait(timeout=15)
