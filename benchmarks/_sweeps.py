@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ PHASES = (
     "imports",  # torch, pytorch_lightning, mlflow, orchestrator.trial (0 once imported)
     "build",  # build_experiment: data module + network
     "fit",  # Lightning fit incl. validation and checkpoint writing, excl. MLflow and Tune calls
-    "evaluate",  # evaluate_module: sampling + metrics + PNGs, per cell
+    "evaluate",  # evaluate_cell: sampling + metrics + PNG of one cell
     "mlflow",  # every MlflowClient call (runs, params, metrics, artifacts), incl. Lightning's
     "run_tags",  # the tags of each new MLflow run: `git rev-parse` + package versions
     "tune_report",  # tune.report (incl. persisting the checkpoint to the storage path)
@@ -58,9 +59,13 @@ MLFLOW_METHODS = (
 
 
 class _PhaseClock:
-    """Exclusive time per phase for nested timed calls (one thread: one trial per actor)."""
+    """Exclusive time per phase for nested timed calls, on the trial's own thread (one trial per
+    actor). Calls from other threads (the metric writer's background writes) are not timed: they
+    run beside the trial; what the trial waits for them (the sync before each checkpoint) counts
+    in the phase that waits, ``fit``."""
 
     def __init__(self):
+        self.thread = threading.get_ident()
         self.totals: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.each: dict[str, list[float]] = {}  # every call's (inclusive) seconds, per name
@@ -70,6 +75,8 @@ class _PhaseClock:
         clock = self
 
         def timed(*args, **kwargs):
+            if threading.get_ident() != clock.thread:
+                return fn(*args, **kwargs)
             clock._stack.append([name, time.perf_counter(), 0.0])
             try:
                 return fn(*args, **kwargs)
@@ -154,7 +161,7 @@ def timed_trainable(
     targets = [
         (trial_mod, "build_experiment", "build"),
         (trial_mod, "fit", "fit"),
-        (trial_mod, "evaluate_module", "evaluate"),
+        (trial_mod, "evaluate_cell", "evaluate"),
         (trial_mod, "run_tags", "run_tags"),
         (tune, "report", "tune_report"),
         *[(MlflowClient, m, f"mlflow.{m}") for m in MLFLOW_METHODS if hasattr(MlflowClient, m)],

@@ -19,12 +19,9 @@ stopping the actor, a new worker process, creating the actor) and each phase's s
 Ray instance: ``reuse_actors`` / ``no_reuse_actors`` (``TuneConfig(reuse_actors=...)`` whatever
 the product sets (it reuses); Ray 2.60 supports reuse for function trainables through
 ``FunctionTrainable.reset_config``: the next trial runs in the finished trial's worker process,
-with no new process and no re-imports), ``mlflow_buffering`` / ``no_mlflow_buffering``
-(``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` 1 or 0 in the trial; the product sets 1: MLflow's
-async-logging thread then exits at once on a flush instead of finishing a 1 s queue poll) and
-``seed_init`` (seed before the network is built; the product does that now). ``default`` is
-the product as it stands. ``max_result_difference`` compares the trials' final validation
-loss between variants.
+with no new process and no re-imports) and ``seed_init`` (seed before the network is built; the
+product does that now). ``default`` is the product as it stands. ``max_result_difference``
+compares the trials' final validation loss between variants.
 
 A Ray instance stopped from outside (``ray stop`` kills every Ray process on the machine) ends
 the run; the variants finished by then are still written, with the error.
@@ -60,12 +57,6 @@ CHANGES = {
     # every trial is a new worker process that imports torch, Lightning and MLflow again.
     "reuse_actors": {"tune_extra": {"reuse_actors": True}},
     "no_reuse_actors": {"tune_extra": {"reuse_actors": False}},
-    # MLflow's async-logging thread waits on its queue with a 1 s timeout, so each shut-down of
-    # the queue (mlflow.flush_async_logging in the logger's finalize, then set_terminated) can
-    # block up to 1 s; with buffering it waits on the stop event instead and exits at once.
-    "mlflow_buffering": {"env": {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}},
-    # The product sets 1 s unless the environment says otherwise; 0 turns buffering off.
-    "no_mlflow_buffering": {"env": {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "0"}},
     # pl.seed_everything(train.seed) before the trial builds its network (see the README).
     "seed_init": {"seed_first": True},
 }
@@ -109,7 +100,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--variants",
         nargs="+",
-        default=["default", "no_reuse_actors", "no_mlflow_buffering"],
+        default=["default", "no_reuse_actors"],
         help="sweeps to run, in this order (the first is the one `wall_over_ideal` reports): "
         f"'default' or changes joined by '+', from {list(CHANGES)}",
     )

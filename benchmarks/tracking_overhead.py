@@ -1,12 +1,19 @@
 """What MLflow tracking costs a training step: the product's trial logger vs no logger.
 
 The same DiffusionModule is trained under a real Trainer with logger=False and with the sweep
-trials' logger (`orchestrator.trial.ResumingMLFlowLogger`, Lightning's MLflow logger writing
+trials' logger (`orchestrator.metric_log.DurableMLFlowLogger`, Lightning's MLflow logger writing
 batched metrics to a sqlite tracking store) in alternating rounds (A B A B ...) of the same
 length; each round times its steady-state steps with a callback (start-up excluded). Key
 `tracking_overhead_fraction` = median over rounds of (logged step time / unlogged step time) - 1
 at the product's logging interval (goal <= 0.02); `--every 1` shows the worst case (a write per
 step).
+
+Then what a checkpoint costs the tracking side: before a trial reports a checkpoint to Tune it
+waits until MLflow has confirmed every metric logged so far (`DurableMLFlowLogger.sync`), so a
+checkpoint never stands ahead of the store. `checkpoint_sync_ms` (median, max) times that wait
+right after each of `--validations` validations; `checkpoint_sync_fraction` puts the median
+against the training time between two checkpoints at the product's default
+`train.val_every_n_steps`.
 
     .venv/bin/python benchmarks/tracking_overhead.py --out /tmp/bench_tracking_overhead.json
 """
@@ -24,8 +31,9 @@ import mlflow
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.config import load_config
+from lightning_modules.config import TrainConfig, load_config
 from lightning_modules.train import build_experiment, build_trainer
+from orchestrator.metric_log import DurableMLFlowLogger
 
 
 class StepTimer(pl.Callback):
@@ -38,6 +46,41 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t)
+
+
+class SyncTimer(pl.Callback):
+    """What TuneReportCallback waits for at every validation: the store's confirmation."""
+
+    def __init__(self, logger):
+        self.logger, self.ms = logger, []
+
+    def on_validation_end(self, trainer, pl_module):
+        start = time.perf_counter()
+        left = self.logger.sync()
+        self.ms.append(1000 * (time.perf_counter() - start))
+        assert not left, "the sqlite store did not confirm the metrics"
+
+
+def sync_cost(cfg, root: Path, uri: str, client, experiment_id: str, validations: int):
+    """Train with a validation every 5 steps and time the sync after each validation."""
+    run = client.create_run(experiment_id)
+    logger = DurableMLFlowLogger(uri, run.info.run_id, client)
+    timer = SyncTimer(logger)
+    datamodule, module = build_experiment(cfg)
+    trainer = build_trainer(
+        cfg,
+        root,
+        logger=logger,
+        callbacks=[timer],
+        max_steps=5 * validations,
+        val_check_interval=5,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer.ms
 
 
 def one_round(cfg, root: Path, steps: int, warmup: int, logger) -> float:
@@ -58,8 +101,6 @@ def one_round(cfg, root: Path, steps: int, warmup: int, logger) -> float:
 
 
 def main() -> None:
-    from orchestrator.trial import ResumingMLFlowLogger
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--rounds", type=int, default=6)
@@ -72,6 +113,7 @@ def main() -> None:
         help="log every N steps (default: the product's train.log_every_n_steps)",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--validations", type=int, default=20, help="checkpoint syncs to time")
     p.add_argument("--override", nargs="*", default=[], help="config key=value overrides")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,11 +139,16 @@ def main() -> None:
                 plain.append(one_round(cfg, tmp / f"p{r}", args.steps, args.warmup, False))
             else:
                 run = client.create_run(experiment_id)
-                logger = ResumingMLFlowLogger(uri, run.info.run_id, client)
+                logger = DurableMLFlowLogger(uri, run.info.run_id, client)
                 logged.append(one_round(cfg, tmp / f"l{r}", args.steps, args.warmup, logger))
     ratios = [b / a for a, b in zip(plain, logged)]
+    sync_ms = sync_cost(cfg, tmp / "sync", uri, client, experiment_id, args.validations)
+    between_checkpoints_ms = TrainConfig.val_every_n_steps * 1000 * statistics.median(logged)
     result = {
         "tracking_overhead_fraction": statistics.median(ratios) - 1,
+        "checkpoint_sync_ms": {"median": statistics.median(sync_ms), "max": max(sync_ms)},
+        "checkpoint_sync_fraction": statistics.median(sync_ms) / between_checkpoints_ms,
+        "checkpoint_sync_ms_all": sync_ms,
         "per_round_ratio": ratios,
         "plain_ms_per_step": [1000 * t for t in plain],
         "logged_ms_per_step": [1000 * t for t in logged],
@@ -129,6 +176,11 @@ def main() -> None:
     print(
         f"tracking_overhead_fraction = {result['tracking_overhead_fraction']:+.4f} "
         f"(goal <= 0.02: {goal})"
+    )
+    print(
+        f"checkpoint sync: median {statistics.median(sync_ms):.2f} ms, max {max(sync_ms):.2f} ms "
+        f"over {len(sync_ms)} validations = {result['checkpoint_sync_fraction']:.2e} of the "
+        f"training between two checkpoints (val_every_n_steps={TrainConfig.val_every_n_steps})"
     )
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

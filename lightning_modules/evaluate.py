@@ -93,6 +93,74 @@ def sampling_device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
+def eval_cells(sample_cfg) -> list[tuple[float, str, int]]:
+    """The (guidance, variance, steps) cells of a sample config's lists, in evaluation order."""
+    return [
+        (float(w), variance, int(steps))
+        for variance in sample_cfg.variance
+        for steps in sample_cfg.steps
+        for w in sample_cfg.guidance
+    ]
+
+
+def evaluate_cell(
+    module: DiffusionModule,
+    datamodule,
+    sample_cfg,
+    eval_cfg,
+    out_dir: str | Path,
+    cell: tuple[float, str, int],
+    *,
+    with_metrics: bool = True,
+    context: EvalContext | None = None,
+) -> dict:
+    """Sample one (guidance, variance, steps) cell and measure it: its settings, metrics, PNG
+    path and sampling time. Every cell starts from the same noise and labels (``sample.seed``),
+    so cells of one model compare like with like, and a cell evaluated alone gives the same
+    samples as within a grid."""
+    w, variance, steps = cell
+    out_dir = Path(out_dir)
+    module.to(sampling_device(module.cfg))
+    ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
+    n = eval_cfg.num_samples if with_metrics else sample_cfg.per_class * max(1, ctx.num_classes)
+    labels = eval_labels(ctx.num_classes, n, sample_cfg.per_class)
+    interval = sample_cfg.guidance_interval
+    start = time.perf_counter()
+    x = module.sample(
+        labels,
+        [w],
+        variance=variance,
+        steps=steps,
+        sampler=sample_cfg.sampler,
+        eta=sample_cfg.eta,
+        guidance_rescale=sample_cfg.guidance_rescale,
+        guidance_interval=tuple(interval) if interval is not None else None,
+        threshold=sample_cfg.threshold,
+        seed=sample_cfg.seed,
+        num_samples=n,
+        batch_size=sample_cfg.batch_size,
+    )[w]
+    seconds = time.perf_counter() - start
+    png = out_dir / grid_filename(w, variance, steps)
+    if ctx.kind == "points":
+        title = f"w={w:g} {variance} {steps} steps"
+        save_points_plot(x, labels, png, truth=datamodule.truth, title=title)
+    else:
+        sub = _grid_subset(x, ctx.num_classes, sample_cfg.per_class)
+        save_sample_grid(sub, png, nrow=sample_cfg.per_class)
+    row = {
+        "guidance": w,
+        "variance": variance,
+        "steps": steps,
+        "sample_seconds": seconds,
+        "image": str(png),
+    }
+    if with_metrics:
+        row |= _measure(ctx, x, labels)
+    log.info("evaluated %s", {k: v for k, v in row.items() if k != "image"})
+    return row
+
+
 def evaluate_module(
     module: DiffusionModule,
     datamodule,
@@ -103,49 +171,18 @@ def evaluate_module(
     with_metrics: bool = True,
     context: EvalContext | None = None,
 ) -> list[dict]:
-    """One row per (guidance, variance, steps): its settings, metrics, PNG path and timing."""
-    out_dir = Path(out_dir)
-    module.to(sampling_device(module.cfg))
+    """One row per (guidance, variance, steps) cell of the sample config's lists."""
     ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
-    n = eval_cfg.num_samples if with_metrics else sample_cfg.per_class * max(1, ctx.num_classes)
-    labels = eval_labels(ctx.num_classes, n, sample_cfg.per_class)
-    interval = sample_cfg.guidance_interval
-    rows = []
-    for variance in sample_cfg.variance:
-        for steps in sample_cfg.steps:
-            start = time.perf_counter()
-            samples = module.sample(
-                labels,
-                list(sample_cfg.guidance),
-                variance=variance,
-                steps=steps,
-                sampler=sample_cfg.sampler,
-                eta=sample_cfg.eta,
-                guidance_rescale=sample_cfg.guidance_rescale,
-                guidance_interval=tuple(interval) if interval is not None else None,
-                threshold=sample_cfg.threshold,
-                seed=sample_cfg.seed,
-                num_samples=n,
-                batch_size=sample_cfg.batch_size,
-            )
-            seconds = (time.perf_counter() - start) / len(samples)
-            for w, x in samples.items():
-                png = out_dir / grid_filename(w, variance, steps)
-                if ctx.kind == "points":
-                    title = f"w={w:g} {variance} {steps} steps"
-                    save_points_plot(x, labels, png, truth=datamodule.truth, title=title)
-                else:
-                    sub = _grid_subset(x, ctx.num_classes, sample_cfg.per_class)
-                    save_sample_grid(sub, png, nrow=sample_cfg.per_class)
-                row = {
-                    "guidance": w,
-                    "variance": variance,
-                    "steps": steps,
-                    "sample_seconds": seconds,
-                    "image": str(png),
-                }
-                if with_metrics:
-                    row |= _measure(ctx, x, labels)
-                log.info("evaluated %s", {k: v for k, v in row.items() if k != "image"})
-                rows.append(row)
-    return rows
+    return [
+        evaluate_cell(
+            module,
+            datamodule,
+            sample_cfg,
+            eval_cfg,
+            out_dir,
+            cell,
+            with_metrics=with_metrics,
+            context=ctx,
+        )
+        for cell in eval_cells(sample_cfg)
+    ]

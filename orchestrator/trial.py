@@ -23,12 +23,12 @@ import pytorch_lightning as pl
 import torch
 from mlflow.entities import Metric, Param
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import MLFlowLogger
 
 from lightning_modules.config import load_config
-from lightning_modules.evaluate import evaluate_module, prepare_context
+from lightning_modules.evaluate import eval_cells, evaluate_cell, prepare_context
 from lightning_modules.train import build_experiment, fit
 
+from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
 from .tracking import cell_suffix, flat_params, run_tags
 
 log = logging.getLogger(__name__)
@@ -50,43 +50,16 @@ class TrialContext:
     config_file: str
 
 
-class ResumingMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger that never logs a (metric, step) pair twice.
+class TuneReportCallback(pl.Callback):
+    """Report validation metrics and a checkpoint to Tune after every validation.
 
-    A trial resumed from its last checkpoint replays the steps between that checkpoint and the
-    crash; those steps are already in MLflow, so they are skipped here.
+    The checkpoint never stands ahead of the tracking store: every metric logged up to it is
+    confirmed by MLflow first, or, if the store does not confirm in time, carried in the
+    checkpoint (``pending_metrics.json``) for the trial resumed from it to log.
     """
 
-    def finalize(self, status: str = "success") -> None:
-        mlflow.flush_async_logging()  # every queued metric is written before the run is closed
-        super().finalize(status)
-
-    def __init__(self, tracking_uri: str, run_id: str, client):
-        # Asynchronous: metrics are queued and written by MLflow's logging thread, so a slow or
-        # busy tracking store does not stall training (see benchmarks/tracking_overhead.py).
-        # Buffered (1 s batches): unbuffered, that thread polls its queue with a 1 s timeout, and
-        # each flush and set_terminated waits out a poll: ~2 s per trial, 30 of a 16-trial
-        # sweep's 48 s wall (benchmarks/sweep_overhead.py, variant mlflow_buffering).
-        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
-        super().__init__(tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
-        self._last_step = {
-            key: max(m.step for m in client.get_metric_history(run_id, key))
-            for key in client.get_run(run_id).data.metrics
-        }
-
-    def log_metrics(self, metrics, step=None):
-        fresh = {
-            k: v for k, v in metrics.items() if step is None or step > self._last_step.get(k, -1)
-        }
-        if fresh:
-            super().log_metrics(fresh, step)
-
-
-class TuneReportCallback(pl.Callback):
-    """Report validation metrics and a checkpoint to Tune after every validation."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, logger: DurableMLFlowLogger):
+        self.run_id, self.logger = run_id, logger
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ray import tune
@@ -99,6 +72,7 @@ class TuneReportCallback(pl.Callback):
             trainer.save_checkpoint(Path(tmp) / "last.ckpt")
             (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
             (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics))
+            dump_metrics(self.logger.sync(), Path(tmp) / PENDING_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -142,7 +116,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     trial = tune.get_context()
     client = mlflow.MlflowClient(ctx.tracking_uri)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
-    run_id, ckpt_path, reported = _resume_point(root)
+    run_id, ckpt_path, reported, carried = _resume_point(root)
     if run_id is None:
         run_id = _earlier_run(client, ctx, trial.get_trial_id())
         if run_id is not None:  # retried before its first checkpoint: same run, fresh start
@@ -167,13 +141,13 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
     client.set_tag(run_id, "ddpm_sweep.node_id", node_id)  # which Ray node trained it
-    logger = ResumingMLFlowLogger(ctx.tracking_uri, run_id, client)
+    logger = DurableMLFlowLogger(ctx.tracking_uri, run_id, client, carried)
     try:
         result = fit(
             cfg,
             root,
             logger=logger,
-            callbacks=[TuneReportCallback(run_id)],
+            callbacks=[TuneReportCallback(run_id, logger)],
             experiment=build_experiment(cfg),
             ckpt_path=ckpt_path,
             enable_progress_bar=False,
@@ -209,32 +183,39 @@ def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _resume_point(root: Path) -> tuple[str | None, str | None, dict[str, float]]:
-    """(MLflow run id, Lightning checkpoint path, the metrics reported with it) from Tune's
-    last checkpoint of this trial."""
+def _resume_point(root: Path):
+    """(MLflow run id, Lightning checkpoint path, the metrics reported with it, the metrics it
+    carried for MLflow) from Tune's last checkpoint of this trial."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None, None, {}
+        return None, None, {}, []
     with checkpoint.as_directory() as d:
         run_id = (Path(d) / RUN_ID_FILE).read_text().strip()
         target = root / "resume.ckpt"
         target.write_bytes((Path(d) / "last.ckpt").read_bytes())
         metrics = Path(d) / METRICS_FILE
         reported = json.loads(metrics.read_text()) if metrics.is_file() else {}
-    return run_id, str(target), reported
+        carried = load_metrics(Path(d) / PENDING_FILE)
+    return run_id, str(target), reported, carried
 
 
 def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: str) -> dict:
-    """Evaluate every sampling configuration; one MLflow child run per (training × sampling)."""
+    """Evaluate every sampling configuration; one MLflow child run per (training × sampling).
+
+    A cell's run is FINISHED only once its metrics and its PNG are in MLflow. A trial resumed
+    after some cells finished skips those before sampling them; a cell interrupted half-way (its
+    run not FINISHED) is sampled again into the same run, so no cell is recorded twice.
+    """
     eval_ctx = prepare_context(result.datamodule, cfg.eval)
-    done = {
-        r.info.run_name
+    earlier = {
+        r.info.run_name: r
         for r in client.search_runs(
             [ctx.experiment_id],
-            f"tags.`ddpm_sweep.train_run_id` = '{train_run_id}' and attributes.status = 'FINISHED'",
+            f"tags.`ddpm_sweep.train_run_id` = '{train_run_id}'",
             max_results=10000,
+            order_by=["attributes.start_time ASC"],
         )
     }
     summary: dict[str, float] = {}
@@ -242,46 +223,76 @@ def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: s
         sample_cfg = cfg.sample.copy()
         for k, v in scalars.items():
             sample_cfg[k.split(".", 1)[1]] = v
-        rows = evaluate_module(
-            result.module,
-            result.datamodule,
-            sample_cfg,
-            cfg.eval,
-            root / "samples",
-            context=eval_ctx,
-        )
-        for row in rows:
-            cell = {
-                "sample.guidance": row["guidance"],
-                "sample.variance": row["variance"],
-                "sample.steps": row["steps"],
-            } | scalars
-            run_params = flat_params(cfg) | {k: str(v) for k, v in cell.items()}
+        for cell in eval_cells(sample_cfg):
+            suffix = cell_suffix(*cell)
             name = " ".join(
-                [
-                    "eval",
-                    cell_suffix(row["guidance"], row["variance"], row["steps"]),
-                    *(f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items()),
-                ]
+                ["eval", suffix, *(f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items())]
             )
-            if name in done:  # evaluated before the trial was interrupted: not twice
-                continue
-            run_id = _create_run(
-                client, ctx, name, "eval", run_params, {"ddpm_sweep.train_run_id": train_run_id}
-            )
-            metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "guidance"}
-            now = int(time.time() * 1000)
-            client.log_batch(
-                run_id,
-                metrics=[Metric(k, v, now, result.trainer.global_step) for k, v in metrics.items()],
-            )
-            client.log_artifact(run_id, row["image"], "samples")
-            client.set_terminated(run_id, "FINISHED")
+            run = earlier.get(name)
+            if run is not None and run.info.status == "FINISHED":
+                metrics = dict(run.data.metrics)  # evaluated before the trial was interrupted
+            else:
+                metrics = _evaluate_into_run(
+                    client,
+                    ctx,
+                    cfg,
+                    result,
+                    root,
+                    train_run_id,
+                    eval_ctx,
+                    sample_cfg,
+                    cell,
+                    name,
+                    scalars,
+                    run,
+                )
             for k, v in metrics.items():
-                summary[
-                    f"eval/{k}/{cell_suffix(row['guidance'], row['variance'], row['steps'])}"
-                ] = v
+                summary[f"eval/{k}/{suffix}"] = v
     return summary
+
+
+def _evaluate_into_run(
+    client, ctx, cfg, result, root, train_run_id, eval_ctx, sample_cfg, cell, name, scalars, run
+) -> dict[str, float]:
+    """Sample and measure one cell into its MLflow run: a new one, or the unfinished run of an
+    earlier attempt (whose metrics are not logged twice). FINISHED comes last."""
+    guidance, variance, steps = cell
+    if run is None:
+        params = (
+            flat_params(cfg)
+            | {
+                "sample.guidance": str(guidance),
+                "sample.variance": variance,
+                "sample.steps": str(steps),
+            }
+            | {k: str(v) for k, v in scalars.items()}
+        )
+        tags = {"ddpm_sweep.train_run_id": train_run_id, "ddpm_sweep.pid": str(os.getpid())}
+        run_id = _create_run(client, ctx, name, "eval", params, tags)
+        have: set[str] = set()
+    else:  # interrupted half-way: redo it in the same run
+        run_id, have = run.info.run_id, set(run.data.metrics)
+        client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
+        client.update_run(run_id, status="RUNNING")
+        log.info("redoing the interrupted evaluation %r in run %s", name, run_id)
+    row = evaluate_cell(
+        result.module,
+        result.datamodule,
+        sample_cfg,
+        cfg.eval,
+        root / "samples",
+        cell,
+        context=eval_ctx,
+    )
+    metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "guidance"}
+    now = int(time.time() * 1000)
+    step = result.trainer.global_step
+    fresh = [Metric(k, v, now, step) for k, v in metrics.items() if k not in have]
+    if fresh:
+        client.log_batch(run_id, metrics=fresh)
+    client.log_artifact(run_id, row["image"], "samples")
+    client.set_terminated(run_id, "FINISHED")
+    return metrics
 
 
 def sampling_grid(axes) -> list[dict[str, Any]]:

@@ -202,3 +202,34 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def processes_with(mark: str) -> list[int]:
+    """Processes (not this one) whose environment holds ``mark`` (``KEY=value``): everything a
+    process started with it in its environment started in turn, Ray's workers included, whose
+    command lines Ray rewrites."""
+    needle = mark.encode() + b"\0"
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc_dir / "environ").read_bytes() + b"\0":
+                pids.append(int(proc_dir.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_processes_with(mark: str) -> None:
+    """SIGKILL every process whose environment holds ``mark``, until none is left."""
+    for _ in range(20):
+        pids = processes_with(mark)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)

@@ -19,7 +19,7 @@ def train_runs(client, name):
     return [r for r in runs_of(client, name) if r.data.tags.get("ddpm_sweep.role") == "train"]
 
 
-def wait_for(predicate, proc, timeout=400):
+def wait_for(predicate, proc, timeout=400, poll=1.0):
     """Poll ``predicate`` until it returns something truthy; fail if the sweep exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -31,13 +31,16 @@ def wait_for(predicate, proc, timeout=400):
             found = None
         if found:
             return found
-        time.sleep(1)
+        time.sleep(poll)
     raise AssertionError("timed out waiting for the sweep")
 
 
-def assert_complete(client, name, *, max_steps, val_every, trainings=2, cells=6):
-    """One parent, every training and evaluation run once, all FINISHED, no step logged twice,
-    every validation to the end of training present. Returns the training runs."""
+def assert_complete(
+    client, name, *, max_steps, val_every, log_every=None, trainings=2, cells=6
+) -> list:
+    """One parent, every training and evaluation run once, all FINISHED with their metrics and
+    PNG, no step logged twice, every validation (and, given ``log_every``, every logged training
+    step) to the end of training present. Returns the training runs."""
     runs = runs_of(client, name)
     roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
     assert roles == {"sweep": 1, "train": trainings, "eval": trainings * cells}, roles
@@ -57,6 +60,14 @@ def assert_complete(client, name, *, max_steps, val_every, trainings=2, cells=6)
         for key in ("val/loss_simple", "train/loss"):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
             assert len(steps) == len(set(steps)), f"{key} logged a step twice: {steps}"
-        val = client.get_metric_history(r.info.run_id, "val/loss_simple")
-        assert len(val) == max_steps // val_every  # one value per validation, to the end
+        val = [m.step for m in client.get_metric_history(r.info.run_id, "val/loss_simple")]
+        # One value per validation, to the end, none missing.
+        assert sorted(val) == list(range(val_every - 1, max_steps, val_every)), val
+        if log_every:
+            train = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+            assert sorted(train) == list(range(log_every - 1, max_steps, log_every)), train
+    for r in runs:
+        if r.data.tags["ddpm_sweep.role"] == "eval":  # a FINISHED cell is a complete cell
+            assert "sample_seconds" in r.data.metrics, r.info.run_name
+            assert client.list_artifacts(r.info.run_id, "samples"), r.info.run_name
     return trains

@@ -3,22 +3,54 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ray_nodes import kill_processes_with
 from sweep_helpers import assert_complete, runs_of, wait_for
 
 SWEEP = Path(__file__).parents[1] / "sweeps" / "mixture_quick.yaml"
 ARGS = [
     "base.train.max_steps=300",
     "base.train.val_every_n_steps=50",
-    "base.eval.num_samples=80",
+    "base.train.log_every_n_steps=10",  # many training metrics in flight at any moment
+    "base.eval.num_samples=400",
     "tune.max_concurrent_trials=1",
+    "tune.max_failures=3",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class SweepEnv:
+    """The sweep's environment: its own Ray temp dir (so the local Ray it starts is its own) and
+    a mark that every process of that Ray inherits, so the test stops those and nothing else
+    (never `ray stop`, which would stop every Ray on the machine)."""
+
+    vars: dict
+    mark: str
+
+    def stop_ray(self) -> None:
+        kill_processes_with(self.mark)
+
+
+@pytest.fixture
+def env():
+    ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths
+    key, value = "DDPM_SWEEP_FAULT_TEST", secrets.token_hex(8)
+    sweep_env = SweepEnv(
+        {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp, key: value},
+        f"{key}={value}",
+    )
+    yield sweep_env
+    sweep_env.stop_ray()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def client_for(tmp_path):
@@ -27,57 +59,92 @@ def client_for(tmp_path):
     return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def start_sweep(tmp_path, name):
+def start_sweep(tmp_path, name, env):
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(SWEEP), *ARGS, "--name", name]
     return subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=ENV,
+        env=env.vars,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
 
 
-def stop_ray():
-    """Stop the Ray processes a killed driver may leave behind (CI runs nothing else on Ray)."""
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-        capture_output=True,
-        timeout=120,
-        env=ENV,
-    )
+def steps(client, run, key):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def role(run):
+    return run.data.tags.get("ddpm_sweep.role")
 
 
 @pytest.mark.slow
-def test_killed_trial_worker_resumes_in_the_same_run(tmp_path):
+def test_trial_workers_killed_at_three_points_resume_in_the_same_runs_losing_nothing(tmp_path, env):
+    """One sweep, three SIGKILLs of the Ray worker running a trial: just after a validation,
+    mid-training (between validations), and during evaluation. Every retry resumes in the same
+    MLflow runs, and in the end every metric of every step and every cell is there, once."""
     client = client_for(tmp_path)
-    proc = start_sweep(tmp_path, "worker-kill")
-    try:
+    proc = start_sweep(tmp_path, "worker-kill", env)
+    killed: list[int] = []
 
-        def training_mid_run():
+    def kill(run) -> int:
+        pid = int(run.data.tags["ddpm_sweep.pid"])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        return pid
+
+    def alive(run) -> bool:  # its trial is running in a process not killed yet
+        return int(run.data.tags.get("ddpm_sweep.pid", 0)) not in killed
+
+    try:
+        # 1. Just after a validation: the second one has reached MLflow.
+        def after_validation():
             for r in runs_of(client, "worker-kill"):
-                history = client.get_metric_history(r.info.run_id, "val/loss_simple")
-                if r.data.tags.get("ddpm_sweep.role") == "train" and len(history) >= 2:
+                if role(r) == "train" and len(steps(client, r, "val/loss_simple")) >= 2:
                     return r
 
-        victim = wait_for(training_mid_run, proc)
-        pid = int(victim.data.tags["ddpm_sweep.pid"])
-        os.kill(pid, signal.SIGKILL)  # the Ray worker running the trial, mid-training
+        victim = wait_for(after_validation, proc, poll=0.1)
+        kill(victim)
+        logged_before = len(steps(client, victim, "train/loss"))
+
+        # 2. Mid-training: its retry, re-attached to the same run, has trained on past what
+        # was logged before, and is between two validations.
+        def mid_training():
+            r = client.get_run(victim.info.run_id)
+            if alive(r) and r.info.status == "RUNNING":
+                train = steps(client, r, "train/loss")
+                val = steps(client, r, "val/loss_simple")
+                if len(train) > logged_before + 1 and train[-1] % 50 != 49 and train[-1] > val[-1]:
+                    return r
+
+        kill(wait_for(mid_training, proc, poll=0.05))
+
+        # 3. During evaluation: a cell's run is open (sampling, measuring) in a live trial.
+        def evaluating():
+            for r in runs_of(client, "worker-kill"):
+                if role(r) == "eval" and r.info.status == "RUNNING" and alive(r):
+                    return r
+
+        half_done = wait_for(evaluating, proc, poll=0.02)
+        kill(half_done)
         assert proc.wait(timeout=600) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        stop_ray()
-    trains = assert_complete(client, "worker-kill", max_steps=300, val_every=50)
+    trains = assert_complete(client, "worker-kill", max_steps=300, val_every=50, log_every=10)
     again = next(r for r in trains if r.info.run_id == victim.info.run_id)  # same run re-attached
-    assert int(again.data.tags["ddpm_sweep.pid"]) != pid
+    assert int(again.data.tags["ddpm_sweep.pid"]) not in killed
+    # The cell killed half-way was redone in its own run, not recorded a second time.
+    redone = client.get_run(half_done.info.run_id)
+    assert redone.info.status == "FINISHED" and "sample_seconds" in redone.data.metrics
+    assert [a.path for a in client.list_artifacts(redone.info.run_id, "samples")]
 
 
 @pytest.mark.slow
-def test_killed_driver_then_resume_completes_without_rerunning(tmp_path):
+def test_killed_driver_then_resume_completes_without_rerunning(tmp_path, env):
     client = client_for(tmp_path)
-    proc = start_sweep(tmp_path, "driver-kill")
+    proc = start_sweep(tmp_path, "driver-kill", env)
     try:
 
         def one_done_one_training():
@@ -102,28 +169,27 @@ def test_killed_driver_then_resume_completes_without_rerunning(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        stop_ray()
+        env.stop_ray()  # what of the killed driver's Ray outlived it
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "resume", "ddpm_sweep_runs/driver-kill"],
         cwd=tmp_path,
-        env=ENV,
+        env=env.vars,
         capture_output=True,
         text=True,
         timeout=900,
     )
-    stop_ray()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_complete(client, "driver-kill", max_steps=300, val_every=50)
+    assert_complete(client, "driver-kill", max_steps=300, val_every=50, log_every=10)
     # The finished trial was not rerun: its history is exactly what it was before the kill.
     after = client.get_metric_history(finished.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in after] == [(m.step, m.value) for m in history_before]
 
 
-def test_resume_of_a_directory_that_is_no_sweep_is_a_clear_error(tmp_path):
+def test_resume_of_a_directory_that_is_no_sweep_is_a_clear_error(tmp_path, env):
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "resume", str(tmp_path)],
         cwd=tmp_path,
-        env=ENV,
+        env=env.vars,
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,0 +1,125 @@
+"""A trial's evaluation cells across interruptions: finished cells are skipped before they are
+sampled, a cell interrupted half-way is redone in its own run, and no cell is recorded twice.
+(The same with real killed processes: tests/test_sweep_faults.py.)"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlflow
+import pytest
+
+from lightning_modules.config import load_config
+from lightning_modules.train import fit
+from orchestrator import trial
+from orchestrator.trial import TrialContext, _create_run, evaluate_cells
+
+OVERRIDES = [
+    "data.name=gaussian_mixture",
+    "data.n_train=512",
+    "data.n_val=128",
+    "network.name=mlp",
+    "network.hidden_dim=32",
+    "network.num_blocks=1",
+    "diffusion.timesteps=20",
+    "train.max_steps=4",
+    "train.val_every_n_steps=4",
+    "train.bpd_subset=0",
+    "sample.guidance=[0,1,2]",
+    "sample.variance=[fixed_small]",
+    "sample.steps=[5]",
+    "eval.num_samples=40",
+]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    cfg = load_config(None, OVERRIDES)
+    return cfg, fit(cfg, tmp_path_factory.mktemp("fit"), enable_progress_bar=False)
+
+
+def setup_trial(tmp_path, cfg):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("cells")
+    parent = client.create_run(experiment_id).info.run_id
+    ctx = TrialContext(
+        base={},
+        sampling_grid=[{}],
+        sampling_lists={},
+        tracking_uri=client.tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        sweep_name="cells",
+        config_file="test",
+    )
+    train_run = _create_run(client, ctx, "train t", "train", {})
+    return client, ctx, train_run
+
+
+def counting(monkeypatch):
+    sampled = []
+    real = trial.evaluate_cell
+
+    def evaluate_cell(*args, **kwargs):
+        sampled.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial, "evaluate_cell", evaluate_cell)
+    return sampled
+
+
+def eval_runs(client, ctx):
+    return [
+        r
+        for r in client.search_runs([ctx.experiment_id])
+        if r.data.tags.get("ddpm_sweep.role") == "eval"
+    ]
+
+
+def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_one(
+    tmp_path, fitted, monkeypatch
+):
+    cfg, result = fitted
+    client, ctx, train_run = setup_trial(tmp_path, cfg)
+    # An earlier attempt finished cell w=0, and was killed inside cell w=1: its run was opened
+    # (RUNNING, no metrics, no PNG) but never finished.
+    sampled = counting(monkeypatch)
+    first = evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "a", train_run)
+    assert sampled == [(0.0, "fixed_small", 5), (1.0, "fixed_small", 5), (2.0, "fixed_small", 5)]
+    runs = {r.info.run_name: r for r in eval_runs(client, ctx)}
+    for r in list(runs.values()):
+        if r.info.run_name != "eval w0_fixed_small_5steps":
+            client.delete_run(r.info.run_id)
+    half = _create_run(
+        client,
+        ctx,
+        "eval w1_fixed_small_5steps",
+        "eval",
+        {},
+        {"ddpm_sweep.train_run_id": train_run},
+    )
+
+    sampled.clear()
+    again = evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "b", train_run)
+    # w=0 was not sampled again; w=1 was redone in the half-done run; w=2 was new.
+    assert sampled == [(1.0, "fixed_small", 5), (2.0, "fixed_small", 5)]
+    runs = eval_runs(client, ctx)
+    names = Counter(r.info.run_name for r in runs)
+    assert set(names.values()) == {1} and len(names) == 3  # none recorded twice
+    redone = next(r for r in runs if r.info.run_name == "eval w1_fixed_small_5steps")
+    assert redone.info.run_id == half and redone.info.status == "FINISHED"
+    for r in runs:  # every FINISHED cell has all its metrics and its PNG
+        assert r.info.status == "FINISHED"
+        assert (
+            set(r.data.metrics) == set(runs[0].data.metrics) and "sample_seconds" in r.data.metrics
+        )
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")]
+    # The same seed and noise: the redone cells measure what the first attempt measured, and
+    # the skipped cell's metrics still reach the trial's summary (Tune's final result).
+    for key, value in first.items():
+        if "sample_seconds" not in key:
+            assert again[key] == pytest.approx(value), key
+
+    sampled.clear()
+    evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "c", train_run)
+    assert sampled == []  # all recorded: nothing sampled
