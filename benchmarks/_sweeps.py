@@ -109,39 +109,51 @@ def _patched(targets: list[tuple[Any, str, str]], clock: _PhaseClock):
             setattr(obj, attr, original)
 
 
-def single_cell(params: dict, ctx):
-    """Naive-grid trial: its sampling keys (grid axes on the trainable here) become the trial
-    context's single sampling cell; the rest are the training params."""
-    training = {k: v for k, v in params.items() if not k.startswith("sample.")}
-    lists, scalars = {}, {}
-    for k, v in params.items():
-        if not k.startswith("sample."):
-            continue
-        if isinstance(ctx.base["sample"][k.split(".", 1)[1]], list):
-            lists[k] = [v]  # guidance, variance, steps: list-valued in the run config
-        else:
-            scalars[k] = v  # sampler, eta, ...: one scalar combination
-    ctx = dataclasses.replace(ctx, sampling_lists=lists, sampling_grid=[scalars])
-    return training, ctx
+def naive_plan(plan, name: str):
+    """The same sweep as a naive grid: every axis (sampling ones too) a Tune axis, and each
+    trial trains its own model and evaluates only its own cell. Built on the plan's seams
+    (``training_for``, ``cells_for``), so the trials run the product's code unchanged."""
+    from orchestrator.plan import Plan, Training, resolve
+    from orchestrator.sweep_config import Axis
+
+    class Trained(Axis):
+        @property
+        def sampling_time(self) -> bool:
+            return False
+
+    class NaivePlan(Plan):
+        def cells_for(self, params):
+            wanted = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("sample.")}
+            for cell in self.cells:
+                if all(getattr(cell.spec, k) == v for k, v in wanted.items()):
+                    return [cell]
+            raise KeyError(f"no planned cell has {wanted}")
+
+        def training_for(self, params):
+            training = {k: v for k, v in params.items() if not k.startswith("sample.")}
+            return Training(training, resolve(self.sweep, training, self.cells_for(params)))
+
+    sweep = dataclasses.replace(
+        plan.sweep, name=name, axes=[Trained(a.key, a.kind, a.values) for a in plan.sweep.axes]
+    )
+    return NaivePlan(sweep, plan.trainings, plan.cells, plan.costs, plan.sampled_axes)
 
 
 def timed_trainable(
     params: dict,
     *,
-    ctx: dict,
+    ctx,
     timing_dir: str,
-    naive: bool = False,
     seed_first: bool = False,
     env: dict | None = None,
 ) -> None:
     """The product's `train_and_evaluate(params, ctx)`, timed phase by phase; writes one JSON
-    per trial to `timing_dir`. `naive`: evaluate only this trial's single sampling cell.
-    `env`: environment variables set for the trial (restored after)."""
+    per trial to `timing_dir`. `env`: environment variables set for the trial (restored
+    after)."""
     t_first = time.time()
     fresh_process = "torch" not in sys.modules
     clock = _PhaseClock()
     start = time.perf_counter()
-    import mlflow
     import pytorch_lightning
     import torch
 
@@ -151,12 +163,10 @@ def timed_trainable(
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    trial_ctx = trial_mod.TrialContext(**ctx)
+    trial_ctx = ctx
     config = dict(params)
-    if naive:
-        params, trial_ctx = single_cell(params, trial_ctx)
     if seed_first:  # variant: seed before build_experiment (the network's init), see README
-        seed = int(params.get("train.seed", trial_ctx.base["train"]["seed"]))
+        seed = int(params.get("train.seed", trial_ctx.plan.sweep.base.train.seed))
         pytorch_lightning.seed_everything(seed, workers=True, verbose=False)
     targets = [
         (trial_mod, "build_experiment", "build"),
@@ -166,8 +176,6 @@ def timed_trainable(
         (tune, "report", "tune_report"),
         *[(MlflowClient, m, f"mlflow.{m}") for m in MLFLOW_METHODS if hasattr(MlflowClient, m)],
     ]
-    if hasattr(mlflow, "flush_async_logging"):  # the trial logger's finalize calls it
-        targets.append((mlflow, "flush_async_logging", "mlflow.flush_async_logging"))
     error = None
     saved_env = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
@@ -257,22 +265,19 @@ def swapped(obj, attr: str, value):
         setattr(obj, attr, original)
 
 
-def timed_trainable_factory(
-    timing_dir: Path, *, naive: bool = False, seed_first: bool = False, env: dict | None = None
-):
-    """Drop-in for `orchestrator.sweep._trainable(sweep, ctx)`: the same resources, with
-    `timed_trainable` and the context as a plain dict."""
+def timed_trainable_factory(timing_dir: Path, *, seed_first: bool = False, env: dict | None = None):
+    """Drop-in for `orchestrator.sweep._trainable(plan, ctx)`: the same resources, with
+    `timed_trainable`."""
 
-    def factory(sweep, ctx):
+    def factory(plan, ctx):
         from ray import tune
 
-        t = sweep.tune
+        t = plan.tune
         return tune.with_resources(
             tune.with_parameters(
                 timed_trainable,
-                ctx=dataclasses.asdict(ctx),
+                ctx=ctx,
                 timing_dir=str(timing_dir),
-                naive=naive,
                 seed_first=seed_first,
                 env=env,
             ),
@@ -300,15 +305,14 @@ def tune_config_extra(**extra):
 
 
 def run_timed_sweep(
-    sweep,
+    plan,
     workdir: Path,
     *,
-    naive: bool = False,
     seed_first: bool = False,
     env: dict | None = None,
     tune_extra: dict | None = None,
 ) -> dict:
-    """`run_sweep(sweep)` with a fresh sqlite MLflow file and Tune storage under `workdir`,
+    """`run_sweep(plan)` with a fresh sqlite MLflow file and Tune storage under `workdir`,
     the trainable swapped for `timed_trainable`. Returns wall times, per-trial timing records
     (joined with Tune's results) and the tracking URI."""
     import orchestrator.sweep as sweep_mod
@@ -318,17 +322,18 @@ def run_timed_sweep(
     timing_dir.mkdir(exist_ok=True)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     storage = workdir / "tune"
-    factory = timed_trainable_factory(timing_dir, naive=naive, seed_first=seed_first, env=env)
+    factory = timed_trainable_factory(timing_dir, seed_first=seed_first, env=env)
     cwd = os.getcwd()
     os.chdir(workdir)  # MLflow's default artifact root is ./mlruns
     t_start = time.time()
     try:
         with swapped(sweep_mod, "_trainable", factory), tune_config_extra(**(tune_extra or {})):
-            summary = sweep_mod.run_sweep(sweep, tracking_uri=uri, storage_path=str(storage))
+            summary = sweep_mod.run_sweep(plan, tracking_uri=uri, storage_path=str(storage))
     finally:
         os.chdir(cwd)
     t_end = time.time()
-    tune_results = read_tune_results(Path(sweep_mod.experiment_location(str(storage), sweep.name)))
+    location = sweep_mod.experiment_location(str(storage), plan.name)
+    tune_results = read_tune_results(Path(location))
     trials = []
     for path in sorted(timing_dir.glob("*.json")):
         rec = json.loads(path.read_text())
@@ -347,7 +352,7 @@ def run_timed_sweep(
         "num_trials": len(summary["trials"]),
         "trials": trials,
         "tracking_uri": uri,
-        "experiment": sweep.name,
+        "experiment": plan.name,
     }
 
 

@@ -141,35 +141,23 @@ def build_config(args):
     return load_config(raw, overrides, where=SWEEP_FILES[args.data])
 
 
-def cell_key(row: dict) -> tuple:
-    return (row["variance"], float(row["guidance"]), int(row["steps"]))
+def cell_key(row) -> tuple:
+    return (row.spec.variance, float(row.spec.guidance), int(row.spec.steps))
 
 
-def metrics_of(row: dict) -> dict[str, float]:
-    return {k: v for k, v in row.items() if isinstance(v, float) and k not in NON_METRICS}
+def metrics_of(row) -> dict[str, float]:
+    return {k: v for k, v in row.metrics.items() if k not in NON_METRICS}
 
 
 # -- inside the trial -----------------------------------------------------------------------------
 def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
     """`evaluate_cells` for one scalar combination, minus MLflow: one context, one call.
 
-    Timing per cell: `DiffusionModule.sample` is called by `evaluate_module` once per
-    (variance, steps) with every guidance weight (the row's `sample_seconds` is their mean); here
-    it is wrapped to call the original once per weight, which computes the same samples (each
-    weight starts its own generator from `sample.seed`) and times each; `_measure` (the
-    metrics) is timed per row. Rows come in call order."""
+    Timing per cell: each cell is sampled on its own (`evaluate_cell`), and its result carries its
+    sampling seconds; `_measure` (the metrics) is timed per row. Rows come in call order."""
     module = result.module.to(device)  # a no-op on a CPU; see the notes for a GPU
-    sample_s: list[float] = []
     measure_s: list[float] = []
-    original_sample, original_measure = module.sample, evaluate_mod._measure
-
-    def sample_per_weight(labels, guidance=(1.0,), **kwargs):
-        out = {}
-        for w in guidance:
-            start = time.perf_counter()
-            out |= original_sample(labels, [w], **kwargs)
-            sample_s.append(time.perf_counter() - start)
-        return out
+    original_measure = evaluate_mod._measure
 
     def timed_measure(ctx, x, labels):
         start = time.perf_counter()
@@ -181,7 +169,7 @@ def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
     t0 = time.perf_counter()
     eval_ctx = prepare_context(result.datamodule, cfg.eval)
     prepare_s = time.perf_counter() - t0
-    module.sample, evaluate_mod._measure = sample_per_weight, timed_measure
+    evaluate_mod._measure = timed_measure
     try:
         t1 = time.perf_counter()
         rows = evaluate_module(
@@ -189,8 +177,8 @@ def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
         )
         evaluate_s = time.perf_counter() - t1
     finally:
-        del module.sample  # the instance attribute: back to the class's method
         evaluate_mod._measure = original_measure
+    sample_s = [row.sample_seconds for row in rows]
     k = len(rows)
     if len(sample_s) != k or len(measure_s) != k:
         raise RuntimeError(f"{k} rows but {len(sample_s)} sample / {len(measure_s)} metric calls")
@@ -261,7 +249,7 @@ def evaluate_one_cell(
     t4 = time.perf_counter()
     (row,) = rows
     return {
-        "cell": [row["variance"], float(row["guidance"]), int(row["steps"])],
+        "cell": list(cell_key(row)),
         "pid": os.getpid(),
         "fresh_process": fresh_process,
         "t_entry": t_entry,
@@ -273,8 +261,8 @@ def evaluate_one_cell(
             "prepare": t3 - t2,
             "evaluate": t4 - t3,
         },
-        "sample_s": row["sample_seconds"],
-        "metrics": {k: v for k, v in row.items() if isinstance(v, float) and k not in NON_METRICS},
+        "sample_s": row.sample_seconds,
+        "metrics": metrics_of(row),
     }
 
 

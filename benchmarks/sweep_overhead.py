@@ -47,7 +47,7 @@ import _sweeps
 import torch
 from omegaconf import OmegaConf
 
-from orchestrator.sweep_config import load_sweep
+from orchestrator.plan import build_plan
 
 GOAL = 1.2
 # A variant is "default" or a "+"-joined list of these changes.
@@ -172,7 +172,7 @@ def build_sweep(args, workdir: Path, name: str):
         "tune.scheduler=fifo",
         "tune.num_samples=1",
     ]
-    return load_sweep(path, overrides, name)
+    return build_plan(path, overrides, name)
 
 
 def analyse(run: dict, slots: int, ray_init_s: float) -> dict:

@@ -5,10 +5,10 @@ One sweep, run both ways in one run, on one local Ray instance, with the same se
 * ``planned``: ``run_sweep`` with the sweep as loaded: one Tune trial per training
   configuration (here the schedules), every sampling configuration (variance x guidance x
   steps) evaluated from that trial's checkpoint;
-* ``naive``: the same sweep with every sampling axis turned into a training axis: a ``Sweep``
-  whose sampling axes go through ``tune_space`` as grid_search on the trainable, so each trial
-  trains its own model and evaluates only its one sampling cell (its trial context's
-  ``sampling_lists`` set to the trial's single values before ``train_and_evaluate``).
+* ``naive``: the same plan with every sampling axis turned into a training axis
+  (``_sweeps.naive_plan``): the sampling axes go through ``tune_space`` as grid_search on the
+  trainable, so each trial trains its own model and evaluates only its one sampling cell (the
+  plan's ``cells_for`` seam).
 
 Both run the product's ``run_sweep`` and ``train_and_evaluate`` unchanged; only the trainable
 is wrapped (``_sweeps.timed_trainable``) to time each trial's phases from inside the worker.
@@ -31,7 +31,6 @@ them on a 2-core CPU. ``--sweep sweeps/quickstart.yaml --max-steps 400`` runs th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -43,8 +42,7 @@ import _sweeps
 import torch
 from omegaconf import OmegaConf
 
-from orchestrator.sweep import plan
-from orchestrator.sweep_config import Axis, Sweep, load_sweep
+from orchestrator.plan import Plan, build_plan
 
 GOAL = 5.0
 NOT_METRICS = {"sample_seconds"}  # timings logged with the metrics: not compared
@@ -96,16 +94,8 @@ def _number(v: str):
     return int(f) if f.is_integer() else f
 
 
-class TrainedAxis(Axis):
-    """An axis Tune expands into trials even though its key is sampling-time (naive grid)."""
-
-    @property
-    def sampling_time(self) -> bool:
-        return False
-
-
-def build_sweeps(args, workdir: Path) -> tuple[Sweep, Sweep]:
-    """The planned sweep (validated by load_sweep from a sweep file written here) and the
+def build_sweeps(args, workdir: Path) -> tuple[Plan, Plan]:
+    """The planned sweep (built by build_plan from a sweep file written here) and the
     naive one: the same base and axes, every axis a training axis."""
     raw = OmegaConf.load(args.sweep)
     raw.search = {
@@ -128,19 +118,8 @@ def build_sweeps(args, workdir: Path) -> tuple[Sweep, Sweep]:
         "tune.num_samples=1",
         *args.override,
     ]
-    planned = load_sweep(path, overrides, "savings-planned")
-    base = planned.base.copy()
-    for a in planned.sampling_axes:  # the base's own lists: one cell (the trial sets its own)
-        name = a.key.split(".", 1)[1]
-        if OmegaConf.is_list(base.sample[name]):
-            first = a.values[0]
-            base.sample[name] = [float(first) if name == "guidance" else first]
-    naive = dataclasses.replace(
-        planned,
-        name="savings-naive",
-        base=base,
-        axes=[TrainedAxis(a.key, a.kind, a.values) for a in planned.axes],
-    )
+    planned = build_plan(path, overrides, "savings-planned")
+    naive = _sweeps.naive_plan(planned, "savings-naive")
     return planned, naive
 
 
@@ -210,11 +189,14 @@ def main() -> None:
 
     try:
         planned, naive = build_sweeps(args, tmp)
-        plans = {"planned": plan(planned), "naive": plan(naive)}
+        costs = planned.costs
+        plans = {
+            "planned": costs.as_dict(),
+            "naive": {"trainings": costs.naive_trainings, "cells": 1},
+        }
         print(
-            f"planned: {plans['planned']['trainings']} trainings x "
-            f"{plans['planned']['evaluations_per_training']} cells; naive: "
-            f"{plans['naive']['trainings']} trainings x 1 cell  (work dir {tmp})",
+            f"planned: {costs.trainings} trainings x {costs.cells} cells; naive: "
+            f"{costs.naive_trainings} trainings x 1 cell  (work dir {tmp})",
             flush=True,
         )
         ray_start = _sweeps.start_ray(log_to_driver=not args.quiet)
@@ -224,9 +206,7 @@ def main() -> None:
             sweep = planned if way == "planned" else naive
             print(f"\n=== {way}: run_sweep({sweep.name}) ===", flush=True)
             load = os.getloadavg()[0]
-            runs[way] = _sweeps.run_timed_sweep(
-                sweep, tmp / way, naive=way == "naive", seed_first=args.seed_init
-            )
+            runs[way] = _sweeps.run_timed_sweep(sweep, tmp / way, seed_first=args.seed_init)
             runs[way]["load_average_1min"] = [load, os.getloadavg()[0]]
             if runs[way]["num_trials"] != len(runs[way]["trials"]) or runs[way]["errored"]:
                 print(

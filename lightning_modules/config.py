@@ -8,16 +8,25 @@ checkpoint can be sampled with all of them.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data.config import DataConfig, check_data_config
-from .diffusion import SAMPLERS, SCHEDULES, THRESHOLDS, VARIANCES, Prediction
+from .diffusion import (
+    SAMPLERS,
+    SAMPLING_SPEC_KEYS,
+    SCHEDULES,
+    THRESHOLDS,
+    VARIANCES,
+    Prediction,
+    SamplingSpec,
+)
 from .diffusion.timesteps import TIMESTEP_SAMPLERS
 
 
@@ -68,6 +77,27 @@ class SampleConfig:
     batch_size: int = 512
 
 
+# The sampling-time keys are the fields of SampleConfig: the SamplingSpec fields (one value each
+# per cell; guidance, variance and steps take lists, a grid evaluated from one checkpoint) and
+# how cells are run and drawn (not what they sample): batch size and grid rows.
+CELL_LISTS = ("guidance", "variance", "steps")
+EXECUTION_KEYS = ("per_class", "batch_size")
+
+
+def sampling_specs(sample_cfg) -> list[SamplingSpec]:
+    """The cells of a ``sample`` config: one SamplingSpec per (variance, steps, guidance) of its
+    lists, in that order, with its scalar settings."""
+    scalars = {k: sample_cfg[k] for k in SAMPLING_SPEC_KEYS if k not in CELL_LISTS}
+    if scalars.get("guidance_interval") is not None:
+        scalars["guidance_interval"] = tuple(scalars["guidance_interval"])
+    return [
+        SamplingSpec(guidance=float(w), variance=str(v), steps=int(k), **scalars)
+        for v in sample_cfg.variance
+        for k in sample_cfg.steps
+        for w in sample_cfg.guidance
+    ]
+
+
 @dataclass
 class EvalConfig:
     num_samples: int = 500  # samples per (guidance, variance, steps) cell for the metrics
@@ -91,15 +121,63 @@ class ExperimentConfig:
 
 
 class ConfigError(ValueError):
-    """A bad value in a user's config: the message names the source, key path and expectation."""
+    """A bad value in a user's config: the message names the source, key path and expectation.
+
+    ``key`` is the key path as the user wrote it (``base.train.lr``, ``search.sample.steps[2]``),
+    so a caller that knows where that key stands in a file can point at it.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def join_key(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix and key else (prefix or key)
+
+
+def config_keys(node: Any = ..., prefix: str = "") -> list[str]:
+    """Every key path of the run config (``train.lr``, ``sample.guidance``, ...)."""
+    if node is ...:
+        node = OmegaConf.to_container(OmegaConf.structured(ExperimentConfig))
+    if isinstance(node, (dict, DictConfig)):
+        out = []
+        for k, v in node.items():
+            out += config_keys(v, f"{prefix}.{k}" if prefix else str(k))
+        return out or [prefix]
+    return [prefix]
+
+
+def did_you_mean(key: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean {join_key(prefix, close[0])!r}?" if close else ""
+
+
+def config_error(
+    err: OmegaConfBaseException, where: str, prefix: str = "", known=None
+) -> ConfigError:
+    """OmegaConf's error as one line: the key path as written, and what was wrong. ``known``:
+    the valid keys below ``prefix`` (default: the run config's), for a "did you mean"."""
+    key = str(getattr(err, "full_key", None) or "")
+    path = join_key(prefix, key)
+    if isinstance(err, ConfigKeyError) and key:
+        known = known or [k for k in config_keys() if k != "network"]
+        return ConfigError(
+            f"{where}: {path}: unknown config key{did_you_mean(key, known, prefix)}", path
+        )
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return ConfigError(f"{where}: {path or '?'}: {msg}", path or None)
 
 
 def load_config(
     source: str | Path | dict | DictConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     where: str | None = None,
+    prefix: str = "",
 ) -> DictConfig:
-    """Defaults <- a YAML file (or mapping) <- ``key=value`` overrides; type-checked, validated."""
+    """Defaults <- a YAML file (or mapping) <- ``key=value`` overrides; type-checked, validated.
+    ``prefix`` is where the config stands in the user's file (``base`` in a sweep file): every
+    key path in an error starts with it."""
     where = where or (str(source) if isinstance(source, (str, Path)) else "config")
     try:
         cfg = OmegaConf.structured(ExperimentConfig)
@@ -112,11 +190,8 @@ def load_config(
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(
-            f"{where}: {key or ''}: {err.msg if hasattr(err, 'msg') else err}"
-        ) from None
-    validate_config(cfg, where)
+        raise config_error(err, where, prefix) from None
+    validate_config(cfg, where, prefix)
     return cfg
 
 
@@ -128,20 +203,31 @@ def omegaconf_message(err: OmegaConfBaseException) -> str:
 
 def _expect(ok: bool, where: str, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{where}: {key} = {value!r} is invalid: expected {expected}")
+        raise ConfigError(f"{where}: {key} = {value!r} is invalid: expected {expected}", key)
+
+
+_expect_at = _expect
 
 
 def _one_of(where: str, key: str, value: Any, choices) -> None:
     _expect(value in choices, where, key, value, f"one of {sorted(choices)}")
 
 
-def validate_config(cfg: DictConfig, where: str = "config") -> None:
-    """Check every value a user can get wrong, naming the key path (``sample.guidance[2]``)."""
+def validate_config(cfg: DictConfig, where: str = "config", prefix: str = "") -> None:
+    """Check every value a user can get wrong, naming the key path (``sample.guidance[2]``) as
+    the user wrote it (``prefix``: where the config stands in the file, e.g. ``base``)."""
     d, t, s = cfg.diffusion, cfg.train, cfg.sample
+
+    def _expect(ok: bool, where: str, key: str, value: Any, expected: str) -> None:
+        _expect_at(ok, where, join_key(prefix, key), value, expected)
+
+    def _one_of(where: str, key: str, value: Any, choices) -> None:
+        _expect(value in choices, where, key, value, f"one of {sorted(choices)}")
+
     try:
-        check_data_config(cfg.data)
+        check_data_config(cfg.data, join_key(prefix, "data"))
     except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(f"{where}: {err}", str(err).split(" ", 1)[0]) from None
     _one_of(where, "diffusion.schedule", d.schedule, SCHEDULES)
     _expect(d.timesteps >= 1, where, "diffusion.timesteps", d.timesteps, "an integer >= 1")
     _one_of(where, "diffusion.prediction", d.prediction, [p.value for p in Prediction])
@@ -157,7 +243,7 @@ def validate_config(cfg: DictConfig, where: str = "config") -> None:
     _one_of(where, "train.precision", t.precision, ["auto", "32-true", "bf16-mixed", "16-mixed"])
     _expect(t.val_every_n_steps >= 1, where, "train.val_every_n_steps", t.val_every_n_steps, ">= 1")
     _expect(t.bpd_subset >= 0, where, "train.bpd_subset", t.bpd_subset, "an integer >= 0")
-    validate_sample_config(s, d.timesteps, where)
+    validate_sample_config(s, d.timesteps, where, join_key(prefix, "sample"))
     _expect(cfg.eval.num_samples >= 1, where, "eval.num_samples", cfg.eval.num_samples, ">= 1")
 
 

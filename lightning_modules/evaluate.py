@@ -1,7 +1,8 @@
 """Sample a trained module over a grid of sampling-time choices and measure each cell.
 
-One cell is (guidance weight, variance, steps). Every cell gets a PNG (a grid with one row per
-class for images, a scatter plot for 2-D points) and, unless switched off, its metrics: FID,
+One cell is one :class:`SamplingSpec` (guidance weight, variance, steps, sampler, ...). Every
+cell gets a PNG (a grid with one row per class for images, a scatter plot for 2-D points) and,
+unless switched off, its metrics: FID,
 guided accuracy, precision and recall in the eval classifier's features for images; distances to
 the true distribution and mode coverage for 2-D points.
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .config import sampling_specs
+from .diffusion import SamplingSpec
 from .evaluation import (
     evaluate_images,
     evaluate_points,
@@ -93,72 +96,58 @@ def sampling_device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def eval_cells(sample_cfg) -> list[tuple[float, str, int]]:
-    """The (guidance, variance, steps) cells of a sample config's lists, in evaluation order."""
-    return [
-        (float(w), variance, int(steps))
-        for variance in sample_cfg.variance
-        for steps in sample_cfg.steps
-        for w in sample_cfg.guidance
-    ]
+@dataclass
+class EvalResult:
+    """One evaluated cell: its settings, its quality metrics, its sampling time and its PNG."""
+
+    spec: SamplingSpec
+    metrics: dict[str, float]  # quality metrics (empty without metrics)
+    sample_seconds: float  # sampling this cell alone, wall-clock
+    image: Path
+
+    def logged_metrics(self) -> dict[str, float]:
+        """What a run logs for the cell: its metrics and its sampling time."""
+        return self.metrics | {"sample_seconds": self.sample_seconds}
+
+    def as_dict(self) -> dict:
+        """A flat row for tables and JSON: settings, metrics, seconds, image."""
+        return self.spec.as_dict() | self.logged_metrics() | {"image": str(self.image)}
 
 
 def evaluate_cell(
     module: DiffusionModule,
     datamodule,
-    sample_cfg,
+    spec: SamplingSpec,
     eval_cfg,
     out_dir: str | Path,
-    cell: tuple[float, str, int],
     *,
+    per_class: int = 10,
+    batch_size: int = 512,
     with_metrics: bool = True,
     context: EvalContext | None = None,
-) -> dict:
-    """Sample one (guidance, variance, steps) cell and measure it: its settings, metrics, PNG
-    path and sampling time. Every cell starts from the same noise and labels (``sample.seed``),
-    so cells of one model compare like with like, and a cell evaluated alone gives the same
-    samples as within a grid."""
-    w, variance, steps = cell
+) -> EvalResult:
+    """Sample one cell and measure it. Every cell starts from the same noise and labels (the
+    spec's seed, class-major balanced labels), so cells of one model compare like with like,
+    and a cell evaluated alone gives the same samples as within a grid."""
     out_dir = Path(out_dir)
     module.to(sampling_device(module.cfg))
     ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
-    n = eval_cfg.num_samples if with_metrics else sample_cfg.per_class * max(1, ctx.num_classes)
-    labels = eval_labels(ctx.num_classes, n, sample_cfg.per_class)
-    interval = sample_cfg.guidance_interval
+    n = eval_cfg.num_samples if with_metrics else per_class * max(1, ctx.num_classes)
+    labels = eval_labels(ctx.num_classes, n, per_class)
     start = time.perf_counter()
-    x = module.sample(
-        labels,
-        [w],
-        variance=variance,
-        steps=steps,
-        sampler=sample_cfg.sampler,
-        eta=sample_cfg.eta,
-        guidance_rescale=sample_cfg.guidance_rescale,
-        guidance_interval=tuple(interval) if interval is not None else None,
-        threshold=sample_cfg.threshold,
-        seed=sample_cfg.seed,
-        num_samples=n,
-        batch_size=sample_cfg.batch_size,
-    )[w]
+    x = module.sample(labels, spec, num_samples=n, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    png = out_dir / grid_filename(w, variance, steps)
+    png = out_dir / grid_filename(spec.guidance, spec.variance, spec.steps)
     if ctx.kind == "points":
-        title = f"w={w:g} {variance} {steps} steps"
+        title = f"w={spec.guidance:g} {spec.variance} {spec.steps} steps"
         save_points_plot(x, labels, png, truth=datamodule.truth, title=title)
     else:
-        sub = _grid_subset(x, ctx.num_classes, sample_cfg.per_class)
-        save_sample_grid(sub, png, nrow=sample_cfg.per_class)
-    row = {
-        "guidance": w,
-        "variance": variance,
-        "steps": steps,
-        "sample_seconds": seconds,
-        "image": str(png),
-    }
-    if with_metrics:
-        row |= _measure(ctx, x, labels)
-    log.info("evaluated %s", {k: v for k, v in row.items() if k != "image"})
-    return row
+        sub = _grid_subset(x, ctx.num_classes, per_class)
+        save_sample_grid(sub, png, nrow=per_class)
+    metrics = {k: float(v) for k, v in _measure(ctx, x, labels).items()} if with_metrics else {}
+    result = EvalResult(spec, metrics, seconds, png)
+    log.info("evaluated %s", {k: v for k, v in result.as_dict().items() if k != "image"})
+    return result
 
 
 def evaluate_module(
@@ -170,19 +159,20 @@ def evaluate_module(
     *,
     with_metrics: bool = True,
     context: EvalContext | None = None,
-) -> list[dict]:
-    """One row per (guidance, variance, steps) cell of the sample config's lists."""
+) -> list[EvalResult]:
+    """Every cell of the sample config's lists (:func:`sampling_specs`), in order."""
     ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
     return [
         evaluate_cell(
             module,
             datamodule,
-            sample_cfg,
+            spec,
             eval_cfg,
             out_dir,
-            cell,
+            per_class=sample_cfg.per_class,
+            batch_size=sample_cfg.batch_size,
             with_metrics=with_metrics,
             context=ctx,
         )
-        for cell in eval_cells(sample_cfg)
+        for spec in sampling_specs(sample_cfg)
     ]

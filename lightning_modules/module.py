@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,6 +21,7 @@ from torch import nn
 from .diffusion import (
     GUIDANCE_CONVENTION,
     GaussianDiffusion,
+    SamplingSpec,
     bits_per_dim,
     drop_labels,
     get_variance,
@@ -133,73 +135,53 @@ class DiffusionModule(pl.LightningModule):
     def sample(
         self,
         labels: torch.Tensor | None,
-        guidance: list[float] | tuple[float, ...] = (1.0,),
+        spec: SamplingSpec,
         *,
-        variance: str = "fixed_small",
-        steps: int | None = None,
-        sampler: str = "ancestral",
-        eta: float = 0.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] | None = None,
-        threshold: str = "auto",
-        seed: int = 0,
         num_samples: int | None = None,
         batch_size: int = 512,
-    ) -> dict[float, torch.Tensor]:
-        """Samples for each guidance weight, {w: tensor (N, *data_shape)} on the CPU.
+    ) -> torch.Tensor:
+        """Samples (N, *data_shape) on the CPU, drawn as ``spec`` says, from noise seeded by
+        ``spec.seed``: every spec of one model starts from the same noise, so cells compare
+        like with like, and a cell drawn alone is the cell drawn within a grid.
 
-        The variance, guidance weights and steps are sampling-time arguments: any trained
+        The variance, guidance weight and steps are sampling-time choices: any trained
         checkpoint can be sampled with all of them (`learned_range` needs a net trained for it).
-        Every w starts from the same noise (same ``seed``) so grids compare like with like.
         """
         if labels is None and num_samples is None:
             raise ValueError("pass labels (a conditional model) or num_samples (unconditional)")
         if labels is not None and self.null_label is None:
             raise ValueError("this model is unconditional: sample it with labels=None")
-        if get_variance(variance).learned and not self.variance.learned:
+        if get_variance(spec.variance).learned and not self.variance.learned:
             raise ValueError(
-                f"variance {variance!r} needs a network trained with diffusion.variance="
+                f"variance {spec.variance!r} needs a network trained with diffusion.variance="
                 f"learned_range; this one was trained with {self.variance.name!r}"
             )
-        if threshold == "auto":  # images live in [-1, 1]; 2-D points do not
-            threshold = "clip" if len(self.data_shape) == 3 else "none"
+        if spec.threshold == "auto":  # images live in [-1, 1]; 2-D points do not
+            spec = replace(spec, threshold="clip" if len(self.data_shape) == 3 else "none")
         n = labels.shape[0] if labels is not None else num_samples
         was_training = self.net.training
         self.net.eval()
-        out: dict[float, torch.Tensor] = {}
+        chunks = []
         try:
-            for w in guidance:
-                chunks = []
-                g = torch.Generator(device=self.device).manual_seed(seed)
-                for start in range(0, n, batch_size):
-                    stop = min(n, start + batch_size)
-                    y = None if labels is None else labels[start:stop].to(self.device)
-                    chunks.append(
-                        sample(
-                            self.net,
-                            self.process,
-                            (stop - start, *self.data_shape),
-                            labels=y,
-                            guidance=float(w),
-                            variance=variance,
-                            steps=steps,
-                            sampler=sampler,
-                            eta=eta,
-                            prediction=self.cfg.diffusion.prediction,
-                            guidance_rescale=guidance_rescale,
-                            guidance_interval=guidance_interval,
-                            threshold=threshold,
-                            null_label=self.null_label,
-                            generator=g,
-                            device=self.device,
-                        )
-                        .float()
-                        .cpu()
-                    )
-                out[float(w)] = torch.cat(chunks)
+            g = torch.Generator(device=self.device).manual_seed(spec.seed)
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                y = None if labels is None else labels[start:stop].to(self.device)
+                x = sample(
+                    self.net,
+                    self.process,
+                    (stop - start, *self.data_shape),
+                    spec,
+                    labels=y,
+                    prediction=self.cfg.diffusion.prediction,
+                    null_label=self.null_label,
+                    generator=g,
+                    device=self.device,
+                )
+                chunks.append(x.float().cpu())
         finally:
             self.net.train(was_training)
-        return out
+        return torch.cat(chunks)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -221,9 +203,20 @@ class DiffusionModule(pl.LightningModule):
         """Rebuild the module from a checkpoint; its weights are the EMA weights."""
         from .networks import build_network
 
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if CHECKPOINT_KEY not in ckpt:
-            raise ValueError(f"{path}: not a ddpm-sweep checkpoint (no '{CHECKPOINT_KEY}' entry)")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint file")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # truncated, corrupted, or not a torch file at all
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(
+                f"{path}: not a readable checkpoint, truncated or corrupted? (torch.load: {first})"
+            ) from None
+        if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
+            raise ValueError(
+                f"{path}: not a ddpm-sweep checkpoint (a torch file without the "
+                f"'{CHECKPOINT_KEY}' entry that `ddpm-sweep train` and `run` write)"
+            )
         meta = ckpt[CHECKPOINT_KEY]
         cfg = OmegaConf.create(meta["config"])
         net = build_network(meta["network"])

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .config import ConfigError
-from .data import build_datamodule
+from .data import build_datamodule, describe_data
 from .diffusion import GaussianDiffusion, get_variance
 from .module import DiffusionModule
 from .networks import NetworkConfig, build_network, network_config, unet_preset
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def resolve_network_config(cfg: DictConfig, datamodule) -> NetworkConfig:
     """The network config with what the data and diffusion decide filled in: channels, image
-    size or dimension, classes (+ the null label) and doubled outputs for `learned_range`."""
+    size or dimension, classes (+ the null label) and doubled outputs for `learned_range`.
+    ``datamodule`` is a datamodule or a :class:`DataSpec` (what the config alone says)."""
     node = dict(OmegaConf.to_container(cfg.network, resolve=True) if cfg.network else {})
     name = node.setdefault("name", "unet" if datamodule.kind == "image" else "mlp")
     learned = get_variance(cfg.diffusion.variance).learned
@@ -48,13 +49,46 @@ def resolve_network_config(cfg: DictConfig, datamodule) -> NetworkConfig:
         derived = {"data_dim": shape[0]}
     else:
         return network_config(node)  # raises the clear unknown-name error
-    derived |= {"num_classes": datamodule.num_classes, "learned_variance": learned}
+    # An image folder's classes are only known where its files are; any count checks shapes.
+    classes = datamodule.num_classes if datamodule.num_classes is not None else 10
+    derived |= {"num_classes": classes, "learned_variance": learned}
     if name == "unet":
         node.pop("name")
         return unet_preset(node.pop("preset", "digits"), **(node | derived))
     if "preset" in node:
         raise ConfigError(f"network.preset = {node['preset']!r} is only for network.name = 'unet'")
     return network_config(node | derived)
+
+
+def check_network(cfg: DictConfig, data=None) -> NetworkConfig:
+    """Build the network on the meta device (shapes, no weights) and run one forward pass with
+    the data's shape: unknown or ill-typed network keys, and architectures that do not fit the
+    data (a `channel_mult` too deep for 8x8 images), fail here, before any training.
+    ``data``: a datamodule or a :class:`DataSpec` (default: described from ``cfg.data``)."""
+    data = data if data is not None else describe_data(cfg.data)
+    net_cfg = resolve_network_config(cfg, data)
+    learned = get_variance(cfg.diffusion.variance).learned
+    with torch.device("meta"):
+        net = build_network(net_cfg)
+        x = torch.zeros(2, *data.data_shape)
+        t = torch.zeros(2, dtype=torch.long)
+        y = torch.zeros(2, dtype=torch.long)
+        try:
+            out = net(x, t, y)
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ConfigError(
+                f"network: this architecture does not fit {data.name} data of shape "
+                f"{tuple(data.data_shape)}: {str(err).splitlines()[0]}",
+                "network",
+            ) from None
+    expected = (2, data.data_shape[0] * (2 if learned else 1), *data.data_shape[1:])
+    if tuple(out.shape) != expected:
+        raise ConfigError(
+            f"network: outputs shape {tuple(out.shape)} for inputs {tuple(x.shape)}; "
+            f"expected {expected}",
+            "network",
+        )
+    return net_cfg
 
 
 def build_experiment(cfg: DictConfig):

@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("checkpoint")
     smp.add_argument(
         "--guidance",
-        default="0,1,3",
-        help="guidance weights, comma-separated (0 unconditional, 1 conditional, >1 extrapolates)",
+        help="guidance weights, comma-separated (0 unconditional, 1 conditional, >1 "
+        "extrapolates; default: the checkpoint's sample.guidance)",
     )
-    smp.add_argument("--variance", default="fixed_small", help="fixed_small,fixed_large,...")
-    smp.add_argument("--steps", default="50", help="sampling steps, comma-separated")
+    smp.add_argument("--variance", help="fixed_small,fixed_large,... (default: the checkpoint's)")
+    smp.add_argument("--steps", help="sampling steps, comma-separated (default: the checkpoint's)")
     smp.add_argument("--out", required=True, help="output directory")
     smp.add_argument("--eval", action="store_true", help="also compute the metrics")
     smp.add_argument(
@@ -70,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="other sample settings, e.g. sampler=ddim eta=0.5 seed=3",
     )
     smp.set_defaults(func=_run_sample)
+
+    plan = sub.add_parser(
+        "plan",
+        help="check a sweep and print its plan (trainings, sampling cells, cost); runs nothing",
+        description="Build the sweep's plan, which checks everything it can before a trial "
+        "starts (every training config, its network on the data's shape, its dataset, every "
+        "sampling cell against its training), print it, and exit. `run` prints the same.",
+    )
+    plan.add_argument("sweep", help="sweep YAML (see sweeps/)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="sweep-file overrides")
+    plan.add_argument("--name", help="sweep name (default: the file's `name`)")
+    plan.add_argument(
+        "--address",
+        help="the Ray cluster it will run on: its dataset files are then checked on the "
+        "workers at `run`, not here",
+    )
+    plan.set_defaults(func=_run_plan)
 
     run = sub.add_parser(
         "run",
@@ -117,11 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .tracking import tracking_uri
+    from .tracking import existing_store, tracking_uri
 
-    path = write_report(
-        args.sweep, tracking_uri(args.tracking_uri), args.out or f"reports/{args.sweep}"
-    )
+    uri = existing_store(tracking_uri(args.tracking_uri))
+    path = write_report(args.sweep, uri, args.out or f"reports/{args.sweep}")
     print(path.read_text())
     print(f"report: {path}")
     return 0
@@ -154,26 +170,31 @@ def _print_summary(summary: dict) -> int:
     return 0 if not summary["errored"] else 1
 
 
+def _build_plan(args: argparse.Namespace):
+    from .plan import build_plan
+
+    return build_plan(args.sweep, args.overrides, args.name, local_data=args.address is None)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    print(_build_plan(args).table())
+    return 0
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     from .cluster import experiment_location
-    from .sweep import plan, preflight, run_sweep
-    from .sweep_config import load_sweep
+    from .sweep import run_sweep
     from .tracking import tracking_uri
 
-    sweep = load_sweep(args.sweep, args.overrides, args.name)  # all validation, before Ray
-    preflight(sweep, args.address)
-    p = plan(sweep)
-    print(
-        f"sweep {sweep.name!r}: {p['trainings']} training trial(s), "
-        f"{p['evaluations_per_training']} sampling configuration(s) each "
-        f"({p['evaluations']} evaluated pairs; a naive grid would train {p['naive_trainings']})"
-    )
+    plan = _build_plan(args)  # all validation, before Ray
+    sweep = plan.sweep
+    print(plan.table())
     print(
         f"Tune state: {experiment_location(args.storage_path, sweep.name)} "
         "(continue a killed sweep with `ddpm-sweep resume` on it)"
     )
     summary = run_sweep(
-        sweep,
+        plan,
         tracking_uri=tracking_uri(args.tracking_uri),
         address=args.address,
         storage_path=args.storage_path,
@@ -217,9 +238,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     return sample_command(
         args.checkpoint,
-        _csv(args.guidance, float, "--guidance"),
-        _csv(args.variance, str, "--variance"),
-        _csv(args.steps, int, "--steps"),
+        args.guidance and _csv(args.guidance, float, "--guidance"),
+        args.variance and _csv(args.variance, str, "--variance"),
+        args.steps and _csv(args.steps, int, "--steps"),
         args.out,
         args.eval,
         args.overrides,

@@ -11,6 +11,7 @@ import torch
 
 from lightning_modules.diffusion import (
     GaussianDiffusion,
+    SamplingSpec,
     gaussian_eps_model,
     sample,
 )
@@ -28,7 +29,8 @@ def run_demo(schedule: str, T: int, steps: list[int], n: int, seed: int) -> str:
     for variance in ("fixed_small", "fixed_large"):
         for k in steps:
             g = torch.Generator().manual_seed(seed)
-            x = sample(model, process, (n, DIM), variance=variance, steps=k, generator=g)
+            spec = SamplingSpec(variance=variance, steps=k)
+            x = sample(model, process, (n, DIM), spec, generator=g)
             var = x.var().item()
             rows.append(
                 f"{variance:<12} {k:>5}  {x.mean().item():>7.4f}  {var:>8.4f}  {abs(var - 1):>9.4f}"

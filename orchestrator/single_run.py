@@ -8,13 +8,22 @@ import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lightning_modules.config import load_config, to_yaml, validate_sample_config
+from lightning_modules.config import (
+    SampleConfig,
+    config_error,
+    load_config,
+    sampling_specs,
+    to_yaml,
+    validate_sample_config,
+)
 from lightning_modules.data import build_datamodule
-from lightning_modules.evaluate import evaluate_module
+from lightning_modules.evaluate import EvalResult, evaluate_module
 from lightning_modules.module import DiffusionModule
 from lightning_modules.train import build_experiment, fit
 
+from .plan import cell_problem
 from .tracking import cell_suffix, flat_params, run_tags, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -30,13 +39,14 @@ TABLE_KEYS = (
 )
 
 
-def format_rows(rows: list[dict]) -> str:
-    keys = [k for k in TABLE_KEYS if any(k in r for r in rows)]
+def format_rows(results: list[EvalResult]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r.metrics for r in results)]
     head = f"{'w':>5} {'variance':<13} {'steps':>5} " + " ".join(f"{k:>18}" for k in keys)
     lines = [head]
-    for r in rows:
-        vals = " ".join(f"{r[k]:>18.4f}" if k in r else f"{'-':>18}" for k in keys)
-        lines.append(f"{r['guidance']:>5g} {r['variance']:<13} {r['steps']:>5} {vals}")
+    for r in results:
+        m, spec = r.metrics, r.spec
+        vals = " ".join(f"{m[k]:>18.4f}" if k in m else f"{'-':>18}" for k in keys)
+        lines.append(f"{spec.guidance:>5g} {spec.variance:<13} {spec.steps:>5} {vals}")
     return "\n".join(lines)
 
 
@@ -78,12 +88,12 @@ def train_command(
             )
             step = result.trainer.global_step
             for r in rows:
-                suffix = cell_suffix(r["guidance"], r["variance"], r["steps"])
-                for k, v in r.items():
-                    if isinstance(v, float) and k != "guidance":
-                        client.log_metric(run_id, f"eval/{k}/{suffix}", v, step=step)
-                client.log_artifact(run_id, r["image"], "samples")
-            (out_dir / "eval.json").write_text(json.dumps(rows, indent=2))
+                suffix = cell_suffix(r.spec.guidance, r.spec.variance, r.spec.steps)
+                for k, v in r.logged_metrics().items():
+                    client.log_metric(run_id, f"eval/{k}/{suffix}", v, step=step)
+                client.log_artifact(run_id, str(r.image), "samples")
+            eval_json = [r.as_dict() for r in rows]
+            (out_dir / "eval.json").write_text(json.dumps(eval_json, indent=2))
             client.log_artifact(run_id, str(out_dir / "eval.json"))
             print(format_rows(rows))
     except BaseException:
@@ -99,22 +109,38 @@ def train_command(
 
 def sample_command(
     checkpoint: str,
-    guidance: list[float],
-    variance: list[str],
-    steps: list[int],
+    guidance: list[float] | None,
+    variance: list[str] | None,
+    steps: list[int] | None,
     out: str,
     run_eval: bool,
     overrides: list[str],
 ) -> int:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a directory (new or existing)")
     module = DiffusionModule.from_checkpoint(checkpoint)
     cfg = module.cfg
-    sample_cfg = OmegaConf.merge(
-        cfg.sample, {"guidance": guidance, "variance": variance, "steps": steps}
-    )
-    sample_cfg = OmegaConf.merge(sample_cfg, OmegaConf.from_dotlist(overrides))
+    try:  # the checkpoint's sample section, as the structured SampleConfig: unknown keys refused
+        sample_cfg = OmegaConf.merge(
+            OmegaConf.structured(SampleConfig),
+            cfg.sample,
+            {
+                k: v
+                for k, v in (("guidance", guidance), ("variance", variance), ("steps", steps))
+                if v
+            },
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+    except OmegaConfBaseException as err:
+        fields = list(SampleConfig.__dataclass_fields__)
+        raise config_error(err, "ddpm-sweep sample", "", fields) from None
     validate_sample_config(sample_cfg, module.process.num_timesteps, where=checkpoint)
+    for spec in sampling_specs(sample_cfg):
+        problem = cell_problem(spec, cfg)
+        if problem and problem[0] == "variance":  # steps are checked above; guidance is allowed
+            raise ValueError(f"{checkpoint}: {problem[1]}")
     datamodule = build_datamodule(cfg.data)
     rows = evaluate_module(module, datamodule, sample_cfg, cfg.eval, out, with_metrics=run_eval)
-    Path(out, "samples.json").write_text(json.dumps(rows, indent=2))
-    print(format_rows(rows) if run_eval else "\n".join(r["image"] for r in rows))
+    Path(out, "samples.json").write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+    print(format_rows(rows) if run_eval else "\n".join(str(r.image) for r in rows))
     return 0

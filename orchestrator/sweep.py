@@ -1,8 +1,7 @@
-"""`ddpm-sweep run`: plan the sweep, open its MLflow parent run, launch the trials on Ray Tune.
+"""`ddpm-sweep run`: from the plan, open the sweep's MLflow parent run and launch the trials.
 
-The plan: one Tune trial per distinct training configuration (the search space's training-time
-axes); every sampling configuration (the `sample.*` axes) is evaluated inside the trial from its
-checkpoint, so no sampling axis is ever retrained.
+One Tune trial per training configuration of the plan (orchestrator/plan.py); every sampling
+cell is evaluated inside the trial from its checkpoint, so no sampling axis is ever retrained.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from omegaconf import OmegaConf
 
 from lightning_modules.config import to_yaml
 
@@ -29,9 +27,10 @@ from .cluster import (
     read_text,
     write_text,
 )
-from .sweep_config import Axis, Sweep, sampling_overrides, training_grid
+from .plan import Plan, build_plan, check_cluster
+from .sweep_config import Axis, Sweep
 from .tracking import run_tags
-from .trial import TrialContext, sampling_grid, train_and_evaluate
+from .trial import TrialContext, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +46,6 @@ def tune_space(axes: list[Axis]) -> dict[str, Any]:
         "randint": lambda v: tune.randint(v[0], v[1] + 1),  # inclusive, like the YAML reads
     }
     return {a.key: make[a.kind](a.values) for a in axes}
-
-
-def plan(sweep: Sweep) -> dict[str, Any]:
-    """How many trainings and evaluations the sweep costs, vs a naive grid over every axis."""
-    trainings = len(training_grid(sweep)) * sweep.tune.num_samples
-    lists = sampling_overrides(sweep)
-    scalars = sampling_grid([a for a in sweep.sampling_axes if a.key not in lists])
-    per_training = len(scalars)
-    for key in ("sample.guidance", "sample.variance", "sample.steps"):
-        per_training *= len(lists.get(key, sweep.base.sample[key.split(".")[1]]))
-    return {
-        "trainings": trainings,
-        "evaluations_per_training": per_training,
-        "evaluations": trainings * per_training,
-        "naive_trainings": trainings * per_training,
-    }
 
 
 def _searcher(sweep: Sweep):
@@ -83,19 +66,8 @@ def _scheduler(sweep: Sweep):
     return FIFOScheduler()
 
 
-def preflight(sweep: Sweep, address: str | None) -> None:
-    """On the local machine, build the data once so a missing dataset fails before any trial.
-    (On a cluster the workers may see paths the driver does not, so this is skipped there.)"""
-    if address is None:
-        from lightning_modules.data import build_datamodule
-
-        try:
-            build_datamodule(sweep.base.data)
-        except (ValueError, FileNotFoundError) as err:
-            raise type(err)(f"{sweep.source}: base.data: {err}") from None
-
-
-def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
+def open_parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str]:
+    sweep = plan.sweep
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(sweep.name)
     experiment_id = exp.experiment_id if exp else client.create_experiment(sweep.name)
@@ -112,7 +84,7 @@ def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
                 {
                     "axes": [a.__dict__ for a in sweep.axes],
                     "tune": sweep.tune.__dict__,
-                    "plan": plan(sweep),
+                    "plan": plan.costs.as_dict(),
                 },
                 indent=2,
                 default=str,
@@ -125,36 +97,22 @@ def open_parent_run(sweep: Sweep, tracking_uri: str) -> tuple[str, str]:
 STATE_FILE = "ddpm_sweep.json"  # in the Tune experiment directory: what `resume` needs
 
 
-def _context(sweep: Sweep, tracking_uri: str, experiment_id: str, parent_run_id: str):
-    lists = sampling_overrides(sweep)
-    return TrialContext(
-        base=OmegaConf.to_container(sweep.base),
-        sampling_grid=sampling_grid([a for a in sweep.sampling_axes if a.key not in lists]),
-        sampling_lists=lists,
-        tracking_uri=tracking_uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
-        sweep_name=sweep.name,
-        config_file=sweep.source,
-    )
-
-
-def _trainable(sweep: Sweep, ctx: TrialContext):
+def _trainable(plan: Plan, ctx: TrialContext):
     from ray import tune
 
-    t = sweep.tune
+    t = plan.tune
     return tune.with_resources(
         tune.with_parameters(train_and_evaluate, ctx=ctx),
         {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial} | dict(t.resources_per_trial),
     )
 
 
-def _tuner(sweep: Sweep, ctx: TrialContext, location: str):
+def _tuner(plan: Plan, ctx: TrialContext, location: str):
     from ray import tune
 
-    t = sweep.tune
+    sweep, t = plan.sweep, plan.tune
     return tune.Tuner(
-        _trainable(sweep, ctx),
+        _trainable(plan, ctx),
         param_space=tune_space(sweep.training_axes),
         tune_config=tune.TuneConfig(
             metric=t.metric,
@@ -177,24 +135,30 @@ def _tuner(sweep: Sweep, ctx: TrialContext, location: str):
     )
 
 
-def _connect(address: str | None, storage_path: str | None) -> None:
-    """Start or join Ray; on a cluster, refuse a storage path some node cannot see."""
+def _connect(plan: Plan, address: str | None, storage_path: str | None) -> None:
+    """Start or join Ray; refuse a trial no node can host, and (on a cluster) a storage path
+    some node cannot see."""
+    import ray
+
     connect(address)
+    check_cluster(plan, [n for n in ray.nodes() if n["Alive"]])
     if address is not None:
         check_storage_visible(storage_path)
 
 
 def run_sweep(
-    sweep: Sweep,
+    plan: Plan,
     *,
     tracking_uri: str,
     address: str | None = None,
     storage_path: str | None = None,
     overrides: list[str] = (),
 ) -> dict[str, Any]:
+    sweep = plan.sweep
     location = experiment_location(storage_path, sweep.name)
-    _connect(address, storage_path)  # before anything is recorded: a refused sweep leaves no run
-    experiment_id, parent_run_id = open_parent_run(sweep, tracking_uri)
+    # Before anything is recorded: a refused sweep leaves no run.
+    _connect(plan, address, storage_path)
+    experiment_id, parent_run_id = open_parent_run(plan, tracking_uri)
     state = {
         "sweep_file": str(Path(sweep.source).resolve()),
         "overrides": list(overrides),
@@ -205,23 +169,23 @@ def run_sweep(
         "address": address,
     }
     write_text(location, STATE_FILE, json.dumps(state, indent=2))
-    ctx = _context(sweep, tracking_uri, experiment_id, parent_run_id)
+    ctx = TrialContext(plan, tracking_uri, experiment_id, parent_run_id)
     client = mlflow.MlflowClient(tracking_uri)
     start = time.time()
     try:
-        tuner = _tuner(sweep, ctx, location)
+        tuner = _tuner(plan, ctx, location)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    return _finish(client, results, sweep, experiment_id, parent_run_id, start)
+    return _finish(client, results, plan, experiment_id, parent_run_id, start)
 
 
-def _finish(client, results, sweep, experiment_id, parent_run_id, start) -> dict[str, Any]:
+def _finish(client, results, plan: Plan, experiment_id, parent_run_id, start) -> dict[str, Any]:
     close_orphan_runs(client, experiment_id, parent_run_id)
-    summary = summarize(results, sweep, time.time() - start)
+    summary = summarize(results, plan, time.time() - start)
     summary["cluster"] = describe_cluster()
-    summary["best"] = publish_best(client, sweep, parent_run_id)
+    summary["best"] = publish_best(client, plan.sweep, parent_run_id)
     client.log_dict(parent_run_id, summary, "summary.json")
     client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
     summary["parent_run_id"] = parent_run_id
@@ -234,8 +198,6 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
     unfinished and errored ones resume from their last checkpoint, the same parent run is used."""
     from ray import tune
 
-    from .sweep_config import load_sweep
-
     directory = str(directory)
     location = directory.rstrip("/") if is_uri(directory) else str(local_path(directory))
     text = read_text(location, STATE_FILE)
@@ -245,17 +207,19 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
             "pass the directory `ddpm-sweep run` printed, <storage-path>/<name>"
         )
     state = json.loads(text)
-    sweep = load_sweep(state["sweep_file"], state["overrides"], state["name"])
     address = address or state.get("address")
-    _connect(address, location.rsplit("/", 1)[0])
+    plan = build_plan(
+        state["sweep_file"], state["overrides"], state["name"], local_data=address is None
+    )
+    _connect(plan, address, location.rsplit("/", 1)[0])
     client = mlflow.MlflowClient(state["tracking_uri"])
     client.update_run(state["parent_run_id"], status="RUNNING")
-    ctx = _context(sweep, state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
+    ctx = TrialContext(plan, state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
     start = time.time()
     try:
         if tune.Tuner.can_restore(location):
             tuner = tune.Tuner.restore(
-                location, _trainable(sweep, ctx), resume_unfinished=True, resume_errored=True
+                location, _trainable(plan, ctx), resume_unfinished=True, resume_errored=True
             )
         else:  # killed before Tune wrote any state: start the trials afresh, same parent run
             log.warning(
@@ -263,12 +227,12 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
                 "(same MLflow parent run)",
                 location,
             )
-            tuner = _tuner(sweep, ctx, location)
+            tuner = _tuner(plan, ctx, location)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(state["parent_run_id"], "FAILED")
         raise
-    return _finish(client, results, sweep, state["experiment_id"], state["parent_run_id"], start)
+    return _finish(client, results, plan, state["experiment_id"], state["parent_run_id"], start)
 
 
 def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | None:
@@ -337,7 +301,8 @@ def close_orphan_runs(client, experiment_id: str, parent_run_id: str) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:
+def summarize(results, plan: Plan, wall_seconds: float) -> dict[str, Any]:
+    sweep = plan.sweep
     trials = []
     for r in results:
         trials.append(
@@ -360,7 +325,7 @@ def summarize(results, sweep: Sweep, wall_seconds: float) -> dict[str, Any]:
         "trials": trials,
         "errored": len(errored),
         "wall_seconds": wall_seconds,
-        "plan": plan(sweep),
+        "plan": plan.costs.as_dict(),
         "trial_seconds": trial_seconds,
         "cpu_hours": trial_seconds * sweep.tune.cpus_per_trial / 3600,
         "gpu_hours": trial_seconds * sweep.tune.gpus_per_trial / 3600,

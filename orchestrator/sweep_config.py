@@ -12,23 +12,35 @@ tune:
   scheduler: fifo          # fifo | asha
 ```
 
-Everything is validated here, before Ray starts: errors name the file, the key path and what was
-expected, with a "did you mean" for misspelt keys.
+This module reads and checks the file itself (keys, axes, Tune settings); the plan
+(``orchestrator/plan.py``) checks every training configuration and sampling cell it implies.
+Errors name the file, the line and column, the key path as written (``base.train.lr``,
+``search.sample.guidance[2]``) and what was expected, with a "did you mean" for misspelt keys.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_modules.config import ConfigError, ExperimentConfig, load_config, omegaconf_message
+from lightning_modules.config import (
+    CELL_LISTS,
+    EXECUTION_KEYS,
+    ConfigError,
+    config_error,
+    config_keys,
+    did_you_mean,
+    load_config,
+)
+
+from .yaml_source import Source, get_yaml_loader, read_yaml
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCH_ALGS = ("grid", "random", "bayes")
@@ -36,6 +48,10 @@ SCHEDULERS = ("fifo", "asha")
 # What a training trial reports to Tune at each validation (ASHA and the searchers use these).
 TRAINING_METRICS = ("val/loss_simple", "val/bpd", "train/loss")
 SAMPLING_SECTION = "sample"  # every key under it is sampling-time: see is_sampling_time
+TOP_LEVEL = ("name", "base", "search", "tune")
+# A sweep name becomes an MLflow experiment, a registered model and a directory under the
+# storage path: a plain name, never a path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def is_sampling_time(key: str) -> bool:
@@ -92,6 +108,7 @@ class Sweep:
     base: DictConfig  # the validated run config every trial starts from
     axes: list[Axis]
     tune: TuneSettings
+    file: Source | None = None  # the parsed file: where each key stands, for errors
 
     @property
     def training_axes(self) -> list[Axis]:
@@ -102,24 +119,25 @@ class Sweep:
         return [a for a in self.axes if a.sampling_time]
 
 
-def _config_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, (dict, DictConfig)):
-        out = []
-        for k, v in node.items():
-            out += _config_keys(v, f"{prefix}.{k}" if prefix else str(k))
-        return out or [prefix]
-    return [prefix]
-
-
-KNOWN_KEYS = _config_keys(OmegaConf.to_container(OmegaConf.structured(ExperimentConfig)))
+KNOWN_KEYS = config_keys()
 
 
 def _check_key(where: str, key: str) -> None:
-    if key in KNOWN_KEYS or key.startswith("network."):
-        return
-    close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{where}: search.{key}: unknown config key{hint}")
+    path = f"search.{key}"
+    if key not in KNOWN_KEYS and not key.startswith("network."):
+        raise ConfigError(
+            f"{where}: {path}: unknown config key{did_you_mean(key, KNOWN_KEYS)}", path
+        )
+    if is_sampling_time(key) and key.split(".", 1)[1] in EXECUTION_KEYS:
+        raise ConfigError(
+            f"{where}: {path}: how cells are run, not what they sample, so not an axis: "
+            f"set base.{key} instead",
+            path,
+        )
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
 
 
 def _parse_axis(where: str, key: str, spec: Any) -> Axis:
@@ -132,37 +150,41 @@ def _parse_axis(where: str, key: str, spec: Any) -> Axis:
         if kind not in DISTRIBUTIONS:
             raise ConfigError(
                 f"{where}: {path}: unknown distribution {kind!r}; expected one of "
-                f"{list(DISTRIBUTIONS)}"
+                f"{list(DISTRIBUTIONS)}",
+                path,
             )
+        path = f"{path}.{kind}"
         values = list(values) if isinstance(values, (list, ListConfig)) else values
     else:
         raise ConfigError(
-            f"{where}: {path} = {spec!r}: expected a list of values (a grid) or "
-            f"one of {{{', '.join(DISTRIBUTIONS)}: ...}}"
+            f"{where}: {path} = {_plain(spec)!r}: expected a list of values (a grid) or "
+            f"one of {{{', '.join(DISTRIBUTIONS)}: ...}}",
+            path,
         )
     if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}: {path}.{kind}: expected a non-empty list, got {values!r}")
+        raise ConfigError(
+            f"{where}: {path}{'' if kind != 'grid' else '.grid'}: expected a non-empty list, "
+            f"got {values!r}",
+            path,
+        )
     if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
-            raise ConfigError(f"{where}: {path}.{kind} = {values!r}: expected [low, high]")
+        if len(values) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise ConfigError(f"{where}: {path} = {values!r}: expected [low, high]", path)
         low, high = values
         if not low < high or (kind == "loguniform" and low <= 0):
             raise ConfigError(
-                f"{where}: {path}.{kind} = {values!r}: expected low < high"
-                + (" and low > 0" if kind == "loguniform" else "")
+                f"{where}: {path} = {values!r}: expected low < high"
+                + (" and low > 0" if kind == "loguniform" else ""),
+                path,
             )
-    axis = Axis(
-        key,
-        kind,
-        [
-            OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
-            for v in values
-        ],
-    )
+    axis = Axis(key, kind, [_plain(v) for v in values])
     if axis.sampling_time and kind not in ("grid", "choice"):
         raise ConfigError(
             f"{where}: {path}: sampling-time axes are evaluated from every "
-            f"checkpoint, so they take a list of values, not {kind}"
+            f"checkpoint, so they take a list of values, not {kind}",
+            path,
         )
     return axis
 
@@ -170,7 +192,9 @@ def _parse_axis(where: str, key: str, spec: Any) -> Axis:
 def _check_tune(where: str, t: TuneSettings, base: DictConfig, axes: list[Axis]) -> None:
     def expect(ok, key, value, expected):
         if not ok:
-            raise ConfigError(f"{where}: tune.{key} = {value!r} is invalid: expected {expected}")
+            raise ConfigError(
+                f"{where}: tune.{key} = {value!r} is invalid: expected {expected}", f"tune.{key}"
+            )
 
     expect(t.search_alg in SEARCH_ALGS, "search_alg", t.search_alg, f"one of {list(SEARCH_ALGS)}")
     expect(t.scheduler in SCHEDULERS, "scheduler", t.scheduler, f"one of {list(SCHEDULERS)}")
@@ -186,7 +210,12 @@ def _check_tune(where: str, t: TuneSettings, base: DictConfig, axes: list[Axis])
     expect(t.max_concurrent_trials >= 1, "max_concurrent_trials", t.max_concurrent_trials, ">= 1")
     expect(t.max_failures >= 0, "max_failures", t.max_failures, "an integer >= 0")
     expect(t.cpus_per_trial > 0, "cpus_per_trial", t.cpus_per_trial, "a number > 0")
-    expect(t.gpus_per_trial >= 0, "gpus_per_trial", t.gpus_per_trial, "a number >= 0")
+    expect(
+        0 <= t.gpus_per_trial <= 1 or float(t.gpus_per_trial).is_integer(),
+        "gpus_per_trial",
+        t.gpus_per_trial,
+        "a number >= 0: a fraction of one GPU (<= 1) or a whole number of GPUs",
+    )
     for name, amount in t.resources_per_trial.items():
         expect(amount > 0, f"resources_per_trial.{name}", amount, "a number > 0")
         expect(
@@ -201,13 +230,15 @@ def _check_tune(where: str, t: TuneSettings, base: DictConfig, axes: list[Axis])
     if t.search_alg == "grid" and searched:
         raise ConfigError(
             f"{where}: search.{searched[0].key}: tune.search_alg = 'grid' takes "
-            "lists only; use search_alg 'random' or 'bayes' for distributions"
+            "lists only; use search_alg 'random' or 'bayes' for distributions",
+            f"search.{searched[0].key}",
         )
     grids = [a for a in axes if not a.sampling_time and a.kind == "grid"]
     if t.search_alg == "bayes" and grids:
         raise ConfigError(
             f"{where}: search.{grids[0].key}: tune.search_alg = 'bayes' (Optuna) "
-            "cannot expand a grid; write {choice: [...]} instead"
+            "cannot expand a grid; write {choice: [...]} instead",
+            f"search.{grids[0].key}",
         )
 
 
@@ -220,74 +251,101 @@ def training_grid(sweep: Sweep) -> list[dict[str, Any]]:
     ]
 
 
-def _check_combinations(sweep: Sweep) -> None:
-    """Every grid combination must be a valid run config (so no trial fails on bad input)."""
-    fixed = {a.key: a.values[0] for a in sweep.training_axes if a.kind != "grid"}
-    for combo in training_grid(sweep):
-        overrides = combo | fixed | sampling_overrides(sweep, union=True)
+def apply_overrides(source: Source, overrides: list[str] | tuple[str, ...]) -> None:
+    """``key=value`` overrides on the sweep file, as if written in it: ``base.train.lr=1e-3``,
+    ``tune.max_concurrent_trials=1``, ``search.sample.guidance=[0,1]`` (after ``search.`` the
+    rest is one axis key, dots and all). Values are YAML, read as the file is."""
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        head, _, rest = key.partition(".")
+        if not sep or head not in TOP_LEVEL or (head != "name" and not rest):
+            raise ConfigError(
+                f"{source.path}: override {text!r}: expected key=value with the key under one "
+                f"of {', '.join(TOP_LEVEL)} (e.g. base.train.max_steps=200)"
+            )
         try:
-            load_config(sweep.base, [f"{k}={_yaml(v)}" for k, v in overrides.items()])
-        except ConfigError as err:
-            detail = str(err).split(": ", 1)[-1]
-            raise ConfigError(f"{sweep.source}: with {overrides}: {detail}") from None
-
-
-def sampling_overrides(sweep: Sweep, union: bool = False) -> dict[str, Any]:
-    """List-valued sample keys (guidance, variance, steps) take the union of their axis values."""
-    out = {}
-    for a in sweep.sampling_axes:
-        list_valued = isinstance(sweep.base.sample[a.key.split(".", 1)[1]], (list, ListConfig))
-        if list_valued:
-            out[a.key] = sorted({v for v in _flatten(a.values)}, key=_sort_key)
-        elif union:
-            out[a.key] = a.values[0]
-    return out
-
-
-def _flatten(values):
-    for v in values:
-        yield from (v if isinstance(v, list) else [v])
-
-
-def _sort_key(v):
-    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
-
-
-def _yaml(v: Any) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return ".nan" if math.isnan(v) else (".inf" if v > 0 else "-.inf")
-    return (
-        OmegaConf.to_yaml({"v": v}).split(":", 1)[1].strip()
-        if isinstance(v, (list, dict))
-        else str(v)
-    )
+            parsed = yaml.load(value, Loader=get_yaml_loader()) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{source.path}: override {text!r}: not a YAML value ({str(err).splitlines()[0]})"
+            ) from None
+        path = [head] if head == "name" else [head, rest] if head == "search" else key.split(".")
+        node = source.data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = parsed
+        source.overrides[key] = text
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = None) -> Sweep:
-    """Read and validate a sweep file; `overrides` are `key=value` on the sweep file itself
-    (e.g. `base.train.max_steps=100`, `tune.max_concurrent_trials=1`)."""
-    where = str(path)
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: no such sweep file")
+    """Read and check a sweep file; `overrides` are `key=value` on the sweep file itself
+    (e.g. `base.train.max_steps=100`, `tune.max_concurrent_trials=1`). Errors point at the
+    key as the user wrote it, in the file (`file:line:column`) or on the command line."""
+    source = read_yaml(path)
     try:
-        raw = OmegaConf.load(path)
-        unknown = set(raw.keys()) - {"name", "base", "search", "tune"}
-        if unknown:
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, ["name", "base", "search", "tune"], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+        apply_overrides(source, overrides)
+        if name is not None:
+            source.data["name"] = name
+            source.overrides["name"] = f"--name {name}"
+        return _parse(source)
+    except ConfigError as err:
+        raise source.locate(err) from None
+
+
+def _parse(source: Source) -> Sweep:
+    where, raw = source.path, source.data
+    unknown = [k for k in raw if k not in TOP_LEVEL]
+    if unknown:
+        raise ConfigError(
+            f"{where}: {unknown[0]}: unknown top-level key{did_you_mean(unknown[0], TOP_LEVEL)} "
+            f"(expected {', '.join(TOP_LEVEL)})",
+            unknown[0],
+        )
+    if not raw.get("base") and not raw.get("search"):
+        raise ConfigError(
+            f"{where}: nothing to sweep: expected a `base:` run config and/or a `search:` of "
+            "axes (see sweeps/quickstart.yaml)"
+        )
+    for section in ("base", "search", "tune"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(
-                f"{where}: {key}: unknown top-level key{hint} (expected name, base, search, tune)"
+                f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__}",
+                section,
             )
-        spec = OmegaConf.merge(
-            OmegaConf.structured(SweepFile), raw, OmegaConf.from_dotlist(list(overrides))
+    sweep_name = raw.get("name", SweepFile.name)
+    if not isinstance(sweep_name, str) or not NAME_PATTERN.fullmatch(sweep_name):
+        raise ConfigError(
+            f"{where}: name = {sweep_name!r} is invalid: expected a plain name of letters, "
+            "digits, '.', '_' and '-' (it names the MLflow experiment and a directory under "
+            "the storage path), at most 100 characters",
+            "name",
+        )
+    axes = [_parse_axis(where, str(k), v) for k, v in (raw.get("search") or {}).items()]
+    # A sampling list that an axis replaces is not the base's to check (its default steps may
+    # exceed a small T): the axis values are checked one by one by the plan.
+    replaced = {a.key.split(".", 1)[1]: a for a in axes if a.key in cell_lists()}
+    raw_base = dict(raw.get("base") or {})
+    if replaced:
+        placeholder = {"guidance": [1.0], "variance": ["fixed_small"], "steps": [1]}
+        raw_base["sample"] = dict(raw_base.get("sample") or {}) | {
+            k: placeholder[k] for k in replaced
+        }
+    base = load_config(raw_base or None, where=where, prefix="base")
+    for k, axis in replaced.items():
+        values = [x for v in axis.values for x in (v if isinstance(v, list) else [v])]
+        OmegaConf.update(base, f"sample.{k}", list(dict.fromkeys(values)), merge=False)
+    try:
+        tune = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(TuneSettings), raw.get("tune") or {})
         )
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {omegaconf_message(err)}") from None
-    base = load_config(OmegaConf.to_container(spec.base) if spec.base else None, where=where)
-    axes = [_parse_axis(where, str(k), v) for k, v in (spec.search or {}).items()]
-    tune = OmegaConf.to_object(spec.tune)
+        raise config_error(err, where, "tune", list(TuneSettings.__dataclass_fields__)) from None
     _check_tune(where, tune, base, axes)
-    sweep = Sweep(name or spec.name, where, base, axes, tune)
-    _check_combinations(sweep)
-    return sweep
+    return Sweep(sweep_name, where, base, axes, tune, source)
+
+
+def cell_lists() -> tuple[str, ...]:
+    return tuple(f"{SAMPLING_SECTION}.{k}" for k in CELL_LISTS)

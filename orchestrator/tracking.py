@@ -26,6 +26,18 @@ def tracking_uri(cli_value: str | None) -> str:
     return uri
 
 
+def existing_store(uri: str) -> str:
+    """``uri``, refusing a sqlite file that does not exist (MLflow would create an empty one,
+    and then say the sweep is not there): commands that only read need an existing store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_file():
+        raise FileNotFoundError(
+            f"{uri}: no MLflow database there (run `ddpm-sweep run` in this directory first, or "
+            "pass --tracking-uri)"
+        )
+    return uri
+
+
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """Every config value under its YAML key path (`diffusion.schedule`), as MLflow params."""
     out: dict[str, str] = {}

@@ -8,7 +8,6 @@ of the sweep's parent run) through Lightning's MLflow logger and to Tune through
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -22,13 +21,12 @@ import mlflow
 import pytorch_lightning as pl
 import torch
 from mlflow.entities import Metric, Param
-from omegaconf import DictConfig
 
-from lightning_modules.config import load_config
-from lightning_modules.evaluate import eval_cells, evaluate_cell, prepare_context
+from lightning_modules.evaluate import evaluate_cell, prepare_context
 from lightning_modules.train import build_experiment, fit
 
 from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
+from .plan import Cell, Plan
 from .tracking import cell_suffix, flat_params, run_tags
 
 log = logging.getLogger(__name__)
@@ -38,16 +36,21 @@ METRICS_FILE = "metrics.json"  # what the checkpoint's report said, for a trial 
 
 @dataclass
 class TrialContext:
-    """What every trial needs from the driver (passed with tune.with_parameters)."""
+    """What every trial needs from the driver (passed with tune.with_parameters): the plan
+    (each training's resolved config, the sampling cells) and where to record."""
 
-    base: dict
-    sampling_grid: list[dict[str, Any]]  # scalar sampling-time combinations (may be [{}])
-    sampling_lists: dict[str, list]  # list-valued sampling keys: guidance, variance, steps
+    plan: Plan
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    sweep_name: str
-    config_file: str
+
+    @property
+    def sweep_name(self) -> str:
+        return self.plan.name
+
+    @property
+    def config_file(self) -> str:
+        return self.plan.sweep.source
 
 
 class TuneReportCallback(pl.Callback):
@@ -76,18 +79,6 @@ class TuneReportCallback(pl.Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def trial_config(ctx: TrialContext, params: dict[str, Any]) -> DictConfig:
-    overrides = [f"{k}={_as_override(v)}" for k, v in params.items()]
-    overrides += [f"{k}={_as_override(v)}" for k, v in ctx.sampling_lists.items()]
-    return load_config(ctx.base, overrides, where=ctx.config_file)
-
-
-def _as_override(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(str(x) for x in v) + "]"
-    return str(v)
-
-
 def _create_run(client, ctx: TrialContext, name: str, role: str, params: dict, extra_tags=None):
     tags = (
         run_tags(ctx.config_file)
@@ -112,7 +103,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    cfg = trial_config(ctx, params)
+    cfg = ctx.plan.training_for(params).config
     trial = tune.get_context()
     client = mlflow.MlflowClient(ctx.tracking_uri)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
@@ -154,7 +145,8 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
             enable_model_summary=False,
         )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
-        summary = evaluate_cells(client, ctx, cfg, params, result, root, run_id)
+        cells = ctx.plan.cells_for(params)
+        summary = evaluate_cells(client, ctx, cells, cfg, result, root, run_id)
     except SystemExit:
         # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
         # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
@@ -201,8 +193,10 @@ def _resume_point(root: Path):
     return run_id, str(target), reported, carried
 
 
-def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: str) -> dict:
-    """Evaluate every sampling configuration; one MLflow child run per (training × sampling).
+def evaluate_cells(
+    client, ctx, cells: list[Cell], cfg, result, root: Path, train_run_id: str
+) -> dict:
+    """Evaluate the training's sampling cells; one MLflow child run per (training x cell).
 
     A cell's run is FINISHED only once its metrics and its PNG are in MLflow. A trial resumed
     after some cells finished skips those before sampling them; a cell interrupted half-way (its
@@ -219,83 +213,51 @@ def evaluate_cells(client, ctx, cfg, params, result, root: Path, train_run_id: s
         )
     }
     summary: dict[str, float] = {}
-    for scalars in ctx.sampling_grid:
-        sample_cfg = cfg.sample.copy()
-        for k, v in scalars.items():
-            sample_cfg[k.split(".", 1)[1]] = v
-        for cell in eval_cells(sample_cfg):
-            suffix = cell_suffix(*cell)
-            name = " ".join(
-                ["eval", suffix, *(f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items())]
+    for cell in cells:
+        run = earlier.get(cell.name)
+        if run is not None and run.info.status == "FINISHED":
+            metrics = dict(run.data.metrics)  # evaluated before the trial was interrupted
+        else:
+            metrics = _evaluate_into_run(
+                client, ctx, cfg, result, root, train_run_id, eval_ctx, cell, run
             )
-            run = earlier.get(name)
-            if run is not None and run.info.status == "FINISHED":
-                metrics = dict(run.data.metrics)  # evaluated before the trial was interrupted
-            else:
-                metrics = _evaluate_into_run(
-                    client,
-                    ctx,
-                    cfg,
-                    result,
-                    root,
-                    train_run_id,
-                    eval_ctx,
-                    sample_cfg,
-                    cell,
-                    name,
-                    scalars,
-                    run,
-                )
-            for k, v in metrics.items():
-                summary[f"eval/{k}/{suffix}"] = v
+        suffix = cell_suffix(cell.spec.guidance, cell.spec.variance, cell.spec.steps)
+        for k, v in metrics.items():
+            summary[f"eval/{k}/{suffix}"] = v
     return summary
 
 
 def _evaluate_into_run(
-    client, ctx, cfg, result, root, train_run_id, eval_ctx, sample_cfg, cell, name, scalars, run
+    client, ctx, cfg, result, root, train_run_id, eval_ctx, cell: Cell, run
 ) -> dict[str, float]:
     """Sample and measure one cell into its MLflow run: a new one, or the unfinished run of an
     earlier attempt (whose metrics are not logged twice). FINISHED comes last."""
-    guidance, variance, steps = cell
     if run is None:
-        params = (
-            flat_params(cfg)
-            | {
-                "sample.guidance": str(guidance),
-                "sample.variance": variance,
-                "sample.steps": str(steps),
-            }
-            | {k: str(v) for k, v in scalars.items()}
-        )
         tags = {"ddpm_sweep.train_run_id": train_run_id, "ddpm_sweep.pid": str(os.getpid())}
-        run_id = _create_run(client, ctx, name, "eval", params, tags)
+        params = flat_params(cfg) | cell.params()
+        run_id = _create_run(client, ctx, cell.name, "eval", params, tags)
         have: set[str] = set()
     else:  # interrupted half-way: redo it in the same run
         run_id, have = run.info.run_id, set(run.data.metrics)
         client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
         client.update_run(run_id, status="RUNNING")
-        log.info("redoing the interrupted evaluation %r in run %s", name, run_id)
-    row = evaluate_cell(
+        log.info("redoing the interrupted evaluation %r in run %s", cell.name, run_id)
+    evaluated = evaluate_cell(
         result.module,
         result.datamodule,
-        sample_cfg,
+        cell.spec,
         cfg.eval,
         root / "samples",
-        cell,
+        per_class=cfg.sample.per_class,
+        batch_size=cfg.sample.batch_size,
         context=eval_ctx,
     )
-    metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "guidance"}
+    metrics = evaluated.logged_metrics()
     now = int(time.time() * 1000)
     step = result.trainer.global_step
     fresh = [Metric(k, v, now, step) for k, v in metrics.items() if k not in have]
     if fresh:
         client.log_batch(run_id, metrics=fresh)
-    client.log_artifact(run_id, row["image"], "samples")
+    client.log_artifact(run_id, str(evaluated.image), "samples")
     client.set_terminated(run_id, "FINISHED")
     return metrics
-
-
-def sampling_grid(axes) -> list[dict[str, Any]]:
-    """Scalar sampling-time axes (sampler, eta, ...) as a list of combinations."""
-    keys = [a.key for a in axes]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*[a.values for a in axes])]

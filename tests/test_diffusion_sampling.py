@@ -9,6 +9,7 @@ import torch
 
 from lightning_modules.diffusion import (
     GaussianDiffusion,
+    SamplingSpec,
     bits_per_dim,
     drop_labels,
     gaussian_eps_model,
@@ -50,9 +51,9 @@ def test_marginal_matches_iterated_chain():
 def test_respacing_with_all_steps_reproduces_the_chain_exactly(variance):
     p = GaussianDiffusion.from_schedule("linear", 200)
     model = gaussian_eps_model(p)
-    a = sample(model, p, (64, 3), variance=variance, generator=gen(3))
-    b = sample(model, p.respace(200), (64, 3), variance=variance, generator=gen(3))
-    c = sample(model, p, (64, 3), variance=variance, steps=200, generator=gen(3))
+    a = sample(model, p, (64, 3), SamplingSpec(variance=variance), generator=gen(3))
+    b = sample(model, p.respace(200), (64, 3), SamplingSpec(variance=variance), generator=gen(3))
+    c = sample(model, p, (64, 3), SamplingSpec(variance=variance, steps=200), generator=gen(3))
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -60,7 +61,13 @@ def test_respacing_with_all_steps_reproduces_the_chain_exactly(variance):
 def test_gaussian_data_fixed_large_returns_standard_normal(steps):
     """For x_0 ~ N(0, I) the exact ε is √(1-ᾱ_t) x_t and σ² = β_t is the exact reverse variance."""
     model = gaussian_eps_model(LINEAR)
-    x = sample(model, LINEAR, (4000, 16), variance="fixed_large", steps=steps, generator=gen(1))
+    x = sample(
+        model,
+        LINEAR,
+        (4000, 16),
+        SamplingSpec(variance="fixed_large", steps=steps),
+        generator=gen(1),
+    )
     se = 1 / math.sqrt(x.numel())
     assert abs(x.mean().item()) < 5 * se
     assert abs(x.var().item() - 1) < 5 * math.sqrt(2) * se
@@ -70,7 +77,9 @@ def test_gaussian_data_fixed_small_underestimates_the_variance():
     """The mismatch direction: β̃_t < β_t, so `fixed_small` shrinks N(0, I) data (by ~12% at 50
     steps, where the gap between the two variances is large)."""
     model = gaussian_eps_model(LINEAR)
-    x = sample(model, LINEAR, (4000, 16), variance="fixed_small", steps=50, generator=gen(1))
+    x = sample(
+        model, LINEAR, (4000, 16), SamplingSpec(variance="fixed_small", steps=50), generator=gen(1)
+    )
     assert x.var().item() < 0.93
 
 
@@ -78,7 +87,9 @@ def test_gaussian_data_fixed_small_underestimates_the_variance():
 def test_point_mass_fixed_small_returns_the_point(steps):
     c = torch.tensor([0.25, -0.5, 0.9])
     model = point_mass_eps_model(LINEAR, c)
-    x = sample(model, LINEAR, (256, 3), variance="fixed_small", steps=steps, generator=gen(2))
+    x = sample(
+        model, LINEAR, (256, 3), SamplingSpec(variance="fixed_small", steps=steps), generator=gen(2)
+    )
     assert torch.allclose(x, c.expand_as(x), atol=1e-5)
 
 
@@ -91,7 +102,7 @@ def test_point_mass_fixed_large_overshoots_the_true_marginals():
     spread = {}
     for variance in ("fixed_small", "fixed_large"):
         for t, x, _ in sample_progressive(
-            model, LINEAR, (4000, 8), variance=variance, generator=gen(4)
+            model, LINEAR, (4000, 8), SamplingSpec(variance=variance), generator=gen(4)
         ):
             if t == probe + 1:  # x is now x_{probe}: the sample at code timestep `probe`
                 spread[variance] = x.var().item()
@@ -105,15 +116,21 @@ def test_ddim_eta_one_is_the_fixed_small_ancestral_sampler():
     p = GaussianDiffusion.from_schedule("cosine", 100)
     model = gaussian_eps_model(p, std=0.5)
     for steps in (None, 20):
-        a = sample(model, p, (32, 4), variance="fixed_small", steps=steps, generator=gen(5))
-        b = sample(model, p, (32, 4), sampler="ddim", eta=1.0, steps=steps, generator=gen(5))
+        a = sample(
+            model, p, (32, 4), SamplingSpec(variance="fixed_small", steps=steps), generator=gen(5)
+        )
+        b = sample(
+            model, p, (32, 4), SamplingSpec(sampler="ddim", eta=1.0, steps=steps), generator=gen(5)
+        )
         assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_ddim_eta_zero_is_deterministic_and_exact_on_a_point_mass():
     c = torch.tensor([0.3, -0.2])
     model = point_mass_eps_model(LINEAR, c)
-    x = sample(model, LINEAR, (16, 2), sampler="ddim", eta=0.0, steps=10, generator=gen(0))
+    x = sample(
+        model, LINEAR, (16, 2), SamplingSpec(sampler="ddim", eta=0.0, steps=10), generator=gen(0)
+    )
     assert torch.allclose(x, c.expand_as(x), atol=1e-5)
 
 
@@ -127,8 +144,8 @@ def test_x0_and_v_models_sample_like_the_eps_model(prediction):
         x0 = p.predict_x0_from_eps(x_t, t, eps)
         return x0 if prediction == "x0" else p.v_from_x0_eps(x0, eps, t)
 
-    a = sample(eps_model, p, (32, 3), steps=25, generator=gen(6))
-    b = sample(model, p, (32, 3), steps=25, prediction=prediction, generator=gen(6))
+    a = sample(eps_model, p, (32, 3), SamplingSpec(steps=25), generator=gen(6))
+    b = sample(model, p, (32, 3), SamplingSpec(steps=25), prediction=prediction, generator=gen(6))
     assert torch.allclose(a, b, atol=1e-4)
 
 
@@ -140,9 +157,10 @@ def test_learned_range_at_minus_one_samples_like_fixed_small():
         return lambda x, t, y=None: torch.cat([eps_model(x, t), torch.full_like(x, v)], dim=1)
 
     for v, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
-        a = sample(eps_model, p, (32, 3), variance=fixed, generator=gen(7))
-        b = sample(learned(v), p, (32, 3), variance="learned_range", generator=gen(7))
-        c = sample(learned(v), p, (32, 3), variance=fixed, generator=gen(7))  # v ignored
+        a = sample(eps_model, p, (32, 3), SamplingSpec(variance=fixed), generator=gen(7))
+        b = sample(learned(v), p, (32, 3), SamplingSpec(variance="learned_range"), generator=gen(7))
+        # v ignored
+        c = sample(learned(v), p, (32, 3), SamplingSpec(variance=fixed), generator=gen(7))
         assert torch.allclose(a, b, atol=1e-5) and torch.equal(a, c)
 
 
@@ -213,7 +231,9 @@ def test_guided_sampling_moves_toward_the_class():
 
     y = torch.zeros(200, dtype=torch.long)
     means = [
-        sample(model, p, (200, 2), labels=y, guidance=w, null_label=2, generator=gen(9))
+        sample(
+            model, p, (200, 2), SamplingSpec(guidance=w), labels=y, null_label=2, generator=gen(9)
+        )
         .mean()
         .item()
         for w in (0.0, 1.0, 0.5)
@@ -288,18 +308,38 @@ def test_hybrid_loss_trains_only_the_variance_through_l_vlb():
         (lambda: get_betas("linear", 0), "T must be an integer >= 1"),
         (lambda: GaussianDiffusion(torch.tensor([0.1, 1.0])), r"beta\[1\] = 1.0"),
         (lambda: GaussianDiffusion(torch.tensor([0.0, 0.5])), r"beta\[0\] = 0.0"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), guidance=float("nan")), "finite"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), guidance=float("inf")), "finite"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), steps=1001), r"\[1, T=1000\]"),
+        (
+            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(guidance=float("nan"))),
+            "finite",
+        ),
+        (
+            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(guidance=float("inf"))),
+            "finite",
+        ),
+        (
+            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(steps=1001)),
+            r"\[1, T=1000\]",
+        ),
         (lambda: LINEAR.respace(2000), "between 1 and T=1000"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), variance="huge"), "unknown variance"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), sampler="euler"), "unknown sampler"),
+        (
+            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(variance="huge")),
+            "unknown variance",
+        ),
+        (
+            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(sampler="euler")),
+            "unknown sampler",
+        ),
         (
             lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), prediction="score"),
             "unknown prediction",
         ),
         (lambda: sample(lambda x, t, y: x[:, :1], LINEAR, (2, 2)), r"model output shape \(2, 1\)"),
-        (lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), variance="learned_range"), "doubled"),
+        (
+            lambda: sample(
+                lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(variance="learned_range")
+            ),
+            "doubled",
+        ),
         (
             lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), labels=torch.zeros(3).long()),
             "labels must have shape",
@@ -309,7 +349,9 @@ def test_hybrid_loss_trains_only_the_variance_through_l_vlb():
             "t must have shape",
         ),
         (
-            lambda: sample(lambda x, t, y: x, LINEAR, (2, 2), guidance_interval=(0.8, 0.2)),
+            lambda: sample(
+                lambda x, t, y: x, LINEAR, (2, 2), SamplingSpec(guidance_interval=(0.8, 0.2))
+            ),
             "interval",
         ),
         (lambda: threshold_x0(torch.zeros(2, 2), "soft"), "unknown x0 threshold"),

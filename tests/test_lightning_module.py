@@ -8,7 +8,7 @@ import pytorch_lightning
 import torch
 
 from lightning_modules.config import ConfigError, load_config
-from lightning_modules.diffusion import GUIDANCE_CONVENTION
+from lightning_modules.diffusion import GUIDANCE_CONVENTION, SamplingSpec
 from lightning_modules.diffusion.timesteps import LossSecondMomentSampler, UniformSampler
 from lightning_modules.evaluation import evaluate_points
 from lightning_modules.module import DiffusionModule, NonFiniteLossError
@@ -44,9 +44,10 @@ def test_fast_dev_run(tmp_path, data, variance, prediction):
     net = result.module.net
     assert type(net).__name__ == ("UNet" if data == "digits" else "MLPDenoiser")
     assert net.learned_variance == (variance == "learned_range")
-    x = result.module.sample(torch.tensor([0, 1]), [0.0, 2.0], variance=variance, steps=3)
-    assert set(x) == {0.0, 2.0} and x[2.0].shape == (2, *result.datamodule.data_shape)
-    assert all(torch.isfinite(v).all() for v in x.values())
+    for w in (0.0, 2.0):
+        spec = SamplingSpec(guidance=w, variance=variance, steps=3)
+        x = result.module.sample(torch.tensor([0, 1]), spec)
+        assert x.shape == (2, *result.datamodule.data_shape) and torch.isfinite(x).all()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def trained_mixture(tmp_path_factory):
 
 def _points_metrics(module, truth, w, n_per=64, steps=50):
     labels = torch.arange(8).repeat_interleave(n_per)
-    x = module.sample(labels, [w], variance="fixed_small", steps=steps, seed=1)[float(w)]
+    spec = SamplingSpec(guidance=w, variance="fixed_small", steps=steps, seed=1)
+    x = module.sample(labels, spec)
     return evaluate_points(x, labels, truth)
 
 
@@ -110,11 +112,11 @@ def test_checkpoint_sample_round_trip(trained_mixture):
     assert ckpt is not None and ckpt.exists()
     loaded = DiffusionModule.from_checkpoint(ckpt)
     labels = torch.arange(8).repeat(4)
-    kwargs = dict(variance="fixed_large", steps=20, seed=5)
-    a = trained_mixture.module.sample(labels, [0.0, 1.0, 3.0], **kwargs)
-    b = loaded.sample(labels, [0.0, 1.0, 3.0], **kwargs)
-    for w in a:
-        assert torch.allclose(a[w], b[w], atol=1e-5)
+    for w in (0.0, 1.0, 3.0):
+        spec = SamplingSpec(guidance=w, variance="fixed_large", steps=20, seed=5)
+        a = trained_mixture.module.sample(labels, spec)
+        b = loaded.sample(labels, spec)
+        assert torch.allclose(a, b, atol=1e-5)
     meta = torch.load(ckpt, weights_only=False)
     assert meta["ddpm_sweep"]["config"]["diffusion"]["timesteps"] == 100
     assert torch.equal(meta["ddpm_sweep"]["betas"], trained_mixture.module.process.betas)
@@ -125,9 +127,9 @@ def test_checkpoint_sample_round_trip(trained_mixture):
     raw, ema = best["current_model_state"], best["state_dict"]
     assert all(not torch.equal(raw[k], ema[k]) for k in ema if k.startswith("net."))
     with pytest.raises(ValueError, match="learned_range"):
-        loaded.sample(labels, [1.0], variance="learned_range")
+        loaded.sample(labels, SamplingSpec(variance="learned_range"))
     with pytest.raises(ValueError, match="finite"):
-        loaded.sample(labels, [float("nan")])
+        loaded.sample(labels, SamplingSpec(guidance=float("nan")))
 
 
 def test_non_finite_loss_fails_the_step(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from cli_helpers import run_cli
 
 from lightning_modules.config import ConfigError
-from orchestrator.sweep import plan
-from orchestrator.sweep_config import is_sampling_time, load_sweep, training_grid
+from orchestrator.plan import build_plan
+from orchestrator.sweep_config import is_sampling_time
 
 SWEEPS = Path(__file__).parents[1] / "sweeps"
 
@@ -22,27 +22,48 @@ def write(tmp_path, text: str) -> Path:
     return path
 
 
-def test_shipped_sweeps_validate():
+def test_shipped_sweeps_plan():
     for path in SWEEPS.glob("*.yaml"):
-        if "base:" in path.read_text():  # sweep files (the *_single.yaml files are run configs)
-            load_sweep(path)
+        if "base:" not in path.read_text():  # the *_single.yaml files are run configs
+            continue
+        # cifar10_gpu.yaml names a dataset path on a cluster: its files are checked there.
+        plan = build_plan(path, local_data="cifar10" not in path.read_text())
+        assert plan.costs.trainings >= 1 and plan.costs.cells >= 1, path
 
 
 def test_plan_trains_once_per_training_configuration():
-    sweep = load_sweep(SWEEPS / "quickstart.yaml")
+    plan = build_plan(SWEEPS / "quickstart.yaml")
+    sweep = plan.sweep
     assert [a.key for a in sweep.training_axes] == ["diffusion.schedule"]
     assert {a.key for a in sweep.sampling_axes} == {"sample.variance", "sample.guidance"}
-    assert training_grid(sweep) == [
+    assert [t.params for t in plan.trainings] == [
         {"diffusion.schedule": s} for s in ("linear", "cosine", "sigmoid")
     ]
-    p = plan(sweep)
-    assert p == {
-        "trainings": 3,
-        "evaluations_per_training": 8,
-        "evaluations": 24,
-        "naive_trainings": 24,
-    }
+    # Each training's config is resolved: its own schedule, the plan's sampling values.
+    assert [t.config.diffusion.schedule for t in plan.trainings] == ["linear", "cosine", "sigmoid"]
+    assert list(plan.trainings[0].config.sample.guidance) == [0.0, 1.0, 2.0, 4.0]
+    names = [c.name for c in plan.cells]
+    assert len(names) == len(set(names)) == 8
+    assert "eval w2_fixed_large_25steps" in names
+    c = plan.costs
+    assert (c.trainings, c.cells, c.evaluated_pairs, c.naive_trainings) == (3, 8, 24, 24)
+    assert c.training_steps == 3 * sweep.base.train.max_steps
+    # 200 samples (20 per class) x 25 steps per cell; w = 0 and 1 take one forward, others two.
+    assert c.sampling_forwards == 3 * 200 * 25 * (2 * 1 + 2 * 1 + 2 * 2 + 2 * 2)
     assert is_sampling_time("sample.eta") and not is_sampling_time("diffusion.variance")
+    assert "trainings: 3" in plan.table() and "w4_fixed_small_25steps" in plan.table()
+
+
+def test_scalar_sampling_axes_multiply_the_cells_and_name_them():
+    text = (
+        (SWEEPS / "mixture_quick.yaml")
+        .read_text()
+        .replace("sample.steps: [20]", "sample.steps: [20]\n  sample.sampler: [ancestral, ddim]")
+    )
+    plan = build_plan(write(Path(__import__("tempfile").mkdtemp()), text))
+    assert plan.costs.cells == 12
+    assert {c.spec.sampler for c in plan.cells} == {"ancestral", "ddim"}
+    assert "eval w3_fixed_large_20steps sampler=ddim" in [c.name for c in plan.cells]
 
 
 @pytest.mark.parametrize(
@@ -50,29 +71,25 @@ def test_plan_trains_once_per_training_configuration():
     [
         (
             "search:\n  diffusion.schedul: [linear]\n",
-            r"search.diffusion.schedul: unknown config key; did you mean 'diffusion.schedule'\?",
+            r":3:3: search.diffusion.schedul: unknown config key; "
+            r"did you mean 'diffusion.schedule'\?",
         ),
         (
             "search:\n  diffusion.schedule: [linear, quadratic]\n",
-            r"diffusion.schedule = 'quadratic' is invalid",
+            r":3:32: search.diffusion.schedule\[1\] = 'quadratic' is invalid: expected one of",
         ),
         ("search:\n  sample.guidance: []\n", r"search.sample.guidance.grid: expected a non-empty"),
-        ("search:\n  sample.guidance: [0, .nan]\n", r"sample.guidance\[1\]"),
         (
             "search:\n  train.lr: {loguniform: [0, 1]}\ntune: {search_alg: random}\n",
             r"search.train.lr.loguniform = \[0, 1\]: expected low < high and low > 0",
         ),
         ("search:\n  train.lr: {normal: [0, 1]}\n", "unknown distribution 'normal'"),
-        (
-            "search:\n  sample.eta: {uniform: [0, 1]}\ntune: {search_alg: random}\n",
-            "sampling-time axes are evaluated from every checkpoint",
-        ),
         ("search:\n  train.lr: {uniform: [0.001, 0.01]}\n", "tune.search_alg = 'grid' takes lists"),
         ("tune: {scheduler: asha, metric: val/fid}\n", r"tune.metric = 'val/fid' is invalid"),
-        ("base: {train: {bpd_subset: 0}}\ntune: {metric: val/bpd}\n", r"tune.metric = 'val/bpd'"),
         (
-            "tune: {schedular: asha}\n",
-            r"tune.schedular: Key 'schedular' not in 'TuneSettings'. Did you mean: 'scheduler'",
+            "base: {data: {name: gaussian_mixture}, train: {bpd_subset: 0}}\n"
+            "tune: {metric: val/bpd}\n",
+            r"tune.metric = 'val/bpd'",
         ),
         ("tune: {max_concurrent_trials: 0}\n", "tune.max_concurrent_trials = 0"),
         (
@@ -86,23 +103,34 @@ def test_plan_trains_once_per_training_configuration():
         ("serach: {}\n", r"serach: unknown top-level key; did you mean 'search'"),
         (
             "base: {diffusion: {timesteps: 50}}\nsearch:\n  sample.steps: [10, 100]\n",
-            r"sample.steps\[1\] = 100 is invalid: expected an integer in "
+            r"search.sample.steps\[1\] = 100 is invalid: expected an integer in "
             r"\[1, diffusion.timesteps=50\]",
+        ),
+        (
+            "search:\n  train.lr: {choice: [0.001, -1.0]}\ntune: {search_alg: random}\n",
+            r":3:30: search.train.lr.choice\[1\] = -1.0 is invalid: expected a number > 0 "
+            r"\(in the training with train.lr=-1\)",
         ),
     ],
 )
 def test_validation_errors_name_file_key_and_expectation(tmp_path, text, message):
+    if not text.startswith("base:"):
+        text = "base: {data: {name: gaussian_mixture}}\n" + text
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as err:
-        load_sweep(path)
-    assert str(path) in str(err.value)
+        build_plan(path)
+    assert str(err.value).startswith(str(path))
 
 
 def test_bad_sweep_exits_before_ray_and_records_nothing(tmp_path):
     path = write(tmp_path, "search:\n  diffusion.schedule: [linear, quadratic]\n")
     out = run_cli("run", str(path), cwd=tmp_path)
     assert out.returncode == 2
-    assert f"{path}: with" in out.stderr and "diffusion.schedule = 'quadratic'" in out.stderr
+    assert out.stderr.strip() == (
+        f"ddpm-sweep: error: {path}:2:32: search.diffusion.schedule[1] = 'quadratic' is "
+        "invalid: expected one of ['cosine', 'linear', 'sigmoid'] "
+        "(in the training with diffusion.schedule=quadratic)"
+    )
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ddpm_sweep_runs").exists()
 
 
@@ -121,7 +149,9 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "2 training trial(s), 6 sampling configuration(s) each" in out.stdout
+    # The plan, printed before anything runs (what `ddpm-sweep plan` prints).
+    assert "trainings: 2" in out.stdout and "sampling cells per training: 6" in out.stdout
+    assert "evaluated pairs: 12" in out.stdout
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], max_results=100)
     roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)

@@ -61,14 +61,23 @@ def client_for(tmp_path):
 
 def start_sweep(tmp_path, name, env):
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(SWEEP), *ARGS, "--name", name]
-    return subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env.vars,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with open(tmp_path / f"{name}.log", "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env.vars,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def diagnose(tmp_path, name) -> str:
+    """The sweep's own output and Tune's error files, for a failure message."""
+    out = [(tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]]
+    for error in sorted((tmp_path / "ddpm_sweep_runs").glob("*/*/error.txt")):
+        out.append(f"--- {error}\n{error.read_text(errors='replace')[-3000:]}")
+    return "\n".join(out)
 
 
 def steps(client, run, key):
@@ -128,7 +137,7 @@ def test_trial_workers_killed_at_three_points_resume_in_the_same_runs_losing_not
 
         half_done = wait_for(evaluating, proc, poll=0.02)
         kill(half_done)
-        assert proc.wait(timeout=600) == 0
+        assert proc.wait(timeout=600) == 0, diagnose(tmp_path, "worker-kill")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -9,49 +9,40 @@ from collections import Counter
 import mlflow
 import pytest
 
-from lightning_modules.config import load_config
 from lightning_modules.train import fit
 from orchestrator import trial
+from orchestrator.plan import build_plan
 from orchestrator.trial import TrialContext, _create_run, evaluate_cells
 
-OVERRIDES = [
-    "data.name=gaussian_mixture",
-    "data.n_train=512",
-    "data.n_val=128",
-    "network.name=mlp",
-    "network.hidden_dim=32",
-    "network.num_blocks=1",
-    "diffusion.timesteps=20",
-    "train.max_steps=4",
-    "train.val_every_n_steps=4",
-    "train.bpd_subset=0",
-    "sample.guidance=[0,1,2]",
-    "sample.variance=[fixed_small]",
-    "sample.steps=[5]",
-    "eval.num_samples=40",
-]
+SWEEP = """
+name: cells
+base:
+  data: {name: gaussian_mixture, n_train: 512, n_val: 128}
+  network: {name: mlp, hidden_dim: 32, num_blocks: 1}
+  diffusion: {timesteps: 20}
+  train: {max_steps: 4, val_every_n_steps: 4, bpd_subset: 0}
+  eval: {num_samples: 40}
+search:
+  sample.guidance: [0, 1, 2]
+  sample.variance: [fixed_small]
+  sample.steps: [5]
+"""
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    cfg = load_config(None, OVERRIDES)
-    return cfg, fit(cfg, tmp_path_factory.mktemp("fit"), enable_progress_bar=False)
+    root = tmp_path_factory.mktemp("fit")
+    (root / "sweep.yaml").write_text(SWEEP)
+    plan = build_plan(root / "sweep.yaml")
+    (training,) = plan.trainings
+    return plan, training.config, fit(training.config, root, enable_progress_bar=False)
 
 
-def setup_trial(tmp_path, cfg):
+def setup_trial(tmp_path, plan):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("cells")
     parent = client.create_run(experiment_id).info.run_id
-    ctx = TrialContext(
-        base={},
-        sampling_grid=[{}],
-        sampling_lists={},
-        tracking_uri=client.tracking_uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent,
-        sweep_name="cells",
-        config_file="test",
-    )
+    ctx = TrialContext(plan, client.tracking_uri, experiment_id, parent)
     train_run = _create_run(client, ctx, "train t", "train", {})
     return client, ctx, train_run
 
@@ -61,7 +52,7 @@ def counting(monkeypatch):
     real = trial.evaluate_cell
 
     def evaluate_cell(*args, **kwargs):
-        sampled.append(args[5])
+        sampled.append(args[2])  # the SamplingSpec
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trial, "evaluate_cell", evaluate_cell)
@@ -79,13 +70,17 @@ def eval_runs(client, ctx):
 def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_one(
     tmp_path, fitted, monkeypatch
 ):
-    cfg, result = fitted
-    client, ctx, train_run = setup_trial(tmp_path, cfg)
+    plan, cfg, result = fitted
+    client, ctx, train_run = setup_trial(tmp_path, plan)
     # An earlier attempt finished cell w=0, and was killed inside cell w=1: its run was opened
     # (RUNNING, no metrics, no PNG) but never finished.
     sampled = counting(monkeypatch)
-    first = evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "a", train_run)
-    assert sampled == [(0.0, "fixed_small", 5), (1.0, "fixed_small", 5), (2.0, "fixed_small", 5)]
+    first = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run)
+    assert [(s.guidance, s.variance, s.steps) for s in sampled] == [
+        (0.0, "fixed_small", 5),
+        (1.0, "fixed_small", 5),
+        (2.0, "fixed_small", 5),
+    ]
     runs = {r.info.run_name: r for r in eval_runs(client, ctx)}
     for r in list(runs.values()):
         if r.info.run_name != "eval w0_fixed_small_5steps":
@@ -100,9 +95,9 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
     )
 
     sampled.clear()
-    again = evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "b", train_run)
+    again = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "b", train_run)
     # w=0 was not sampled again; w=1 was redone in the half-done run; w=2 was new.
-    assert sampled == [(1.0, "fixed_small", 5), (2.0, "fixed_small", 5)]
+    assert [(s.guidance, s.steps) for s in sampled] == [(1.0, 5), (2.0, 5)]
     runs = eval_runs(client, ctx)
     names = Counter(r.info.run_name for r in runs)
     assert set(names.values()) == {1} and len(names) == 3  # none recorded twice
@@ -121,5 +116,5 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
             assert again[key] == pytest.approx(value), key
 
     sampled.clear()
-    evaluate_cells(client, ctx, cfg, {}, result, tmp_path / "c", train_run)
+    evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "c", train_run)
     assert sampled == []  # all recorded: nothing sampled

@@ -8,7 +8,7 @@ key), `kind` ("image" or "points"), `num_classes`, `data_shape`, `train_tensors(
 """
 
 from .base import TensorDataModule, stratified_split, to_model_range
-from .build import DATAMODULES, DATASET_NAMES, build_datamodule
+from .build import DATAMODULES, DATASET_NAMES, DataSpec, build_datamodule, describe_data
 from .config import DataConfig, check_data_config, to_data_config
 from .images import (
     Cifar10DataModule,
@@ -24,6 +24,7 @@ __all__ = [
     "DATASET_NAMES",
     "Cifar10DataModule",
     "DataConfig",
+    "DataSpec",
     "DatasetNotFoundError",
     "DigitsDataModule",
     "GaussianMixture2D",
@@ -33,6 +34,7 @@ __all__ = [
     "TensorDataModule",
     "build_datamodule",
     "check_data_config",
+    "describe_data",
     "stratified_split",
     "to_data_config",
     "to_model_range",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from omegaconf import DictConfig
 
 from .base import TensorDataModule
@@ -37,3 +39,34 @@ def build_datamodule(cfg: DataConfig | DictConfig | dict | None = None) -> Tenso
             f"{', '.join(DATASET_NAMES)}"
         )
     return DATAMODULES[cfg.name].from_config(cfg)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a network must fit, from the `data:` config alone: no file is read. The attribute
+    names are a datamodule's, so either can be passed where one is needed."""
+
+    name: str
+    kind: str  # "image" or "points"
+    data_shape: tuple[int, ...]
+    num_classes: int | None  # None: an image folder's subfolders decide, on the machine that has it
+
+
+def describe_data(cfg: DataConfig | DictConfig | dict | None = None) -> DataSpec:
+    """The shape of one example and the number of classes that `cfg` would give; checks the
+    name and the options (not the files, which may live on other machines)."""
+    cfg = to_data_config(cfg)
+    fixed = {
+        "digits": ("image", (1, 8, 8), 10),
+        "cifar10": ("image", (3, 32, 32), 10),
+        "mnist": ("image", (1, 28, 28), 10),
+        "gaussian_mixture": ("points", (2,), cfg.n_modes),
+        "image_folder": ("image", (cfg.channels, cfg.image_size, cfg.image_size), None),
+    }
+    if cfg.name not in DATAMODULES:
+        raise ValueError(
+            f"data.name = {cfg.name!r} is not a known dataset: expected one of "
+            f"{', '.join(DATASET_NAMES)}"
+        )
+    kind, shape, classes = fixed[cfg.name]
+    return DataSpec(cfg.name, kind, shape, classes)

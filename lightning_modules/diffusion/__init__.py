@@ -1,4 +1,4 @@
-"""The diffusion math of ``shared/spec/diffusion-math.md``, one small function per item.
+"""The diffusion math of ``docs/diffusion-math.md``, one small function per item.
 
 Timestep convention (stated once, here): code indexes timesteps **0..T-1**; code index ``t``
 holds the spec's quantity at time ``t + 1``. So ``betas[0]`` is β_1, ``alphas_cumprod[t]`` is
@@ -41,7 +41,9 @@ from .losses import (
 from .process import GaussianDiffusion, Prediction, space_timesteps
 from .sampling import (
     SAMPLERS,
+    SAMPLING_SPEC_KEYS,
     ReverseMoments,
+    SamplingSpec,
     ancestral_step,
     ddim_step,
     p_mean_variance,

@@ -1,6 +1,6 @@
 """The Gaussian diffusion process: schedule arrays and one method per identity of the spec.
 
-Items 1-7 and 15 of ``shared/spec/diffusion-math.md``. The process knows nothing about networks:
+Items 1-7 and 15 of ``docs/diffusion-math.md``. The process knows nothing about networks:
 every method takes tensors and integer timesteps ``t`` (0-based, see the package docstring).
 """
 

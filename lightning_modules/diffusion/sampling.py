@@ -7,7 +7,7 @@ the network never appears here except through the model callable of :func:`sampl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -78,6 +78,50 @@ def ddim_step(
     return ab_prev.sqrt() * moments.x0 + direction + _not_last(t, x_t) * sigma * noise
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """One sampling configuration (one evaluation cell of a sweep): everything that decides what
+    a sampler draws, beside the network, the labels and the noise. The fields are the run
+    config's ``sample.*`` keys, one value each.
+
+    ``guidance`` w (0 unconditional, 1 conditional, >1 extrapolates; needs a null label);
+    ``variance`` 'fixed_small', 'fixed_large' or 'learned_range' (ancestral sampler only);
+    ``steps`` K <= T sampling steps (respaced chain, item 15; None = all T); ``sampler``
+    'ancestral' or 'ddim' with ``eta`` (η = 1 is the fixed_small ancestral sampler);
+    ``guidance_rescale`` φ; ``guidance_interval`` (lo, hi) as fractions of T; ``threshold``
+    'none', 'clip' or 'dynamic' for x̂_0 ('auto': the module decides by the data); ``seed`` of
+    the initial noise and of every step's noise (the sampler itself takes a generator).
+    """
+
+    guidance: float = 1.0
+    variance: str = "fixed_small"
+    steps: int | None = None
+    sampler: str = "ancestral"
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+    threshold: str = "none"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.guidance_interval is not None:  # a list from a config is a tuple here
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+
+    def check(self, process: GaussianDiffusion) -> SamplingSpec:
+        """Raise ValueError for a value no sampler of ``process`` accepts."""
+        check_guidance_weight(self.guidance)
+        get_variance(self.variance)
+        check_sampling_args(process, self.steps, self.sampler, self.eta)
+        check_interval(self.guidance_interval)
+        return self
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+SAMPLING_SPEC_KEYS = tuple(f.name for f in fields(SamplingSpec))
+
+
 def check_sampling_args(process: GaussianDiffusion, steps, sampler: str, eta: float) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
@@ -93,27 +137,19 @@ def sample_progressive(
     model: ModelFn,
     process: GaussianDiffusion,
     shape: tuple[int, ...],
+    spec: SamplingSpec | None = None,
     *,
     labels: torch.Tensor | None = None,
-    guidance: float = 1.0,
-    variance: str | VarianceChoice = "fixed_small",
-    steps: int | None = None,
-    sampler: str = "ancestral",
-    eta: float = 0.0,
     prediction: str | Prediction = Prediction.EPS,
-    guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] | None = None,
-    threshold: str = "none",
     null_label: int | None = None,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, ReverseMoments]]:
     """Yield (t, x_{t-1}, moments) after every reverse step; see :func:`sample` for the args."""
-    variance, prediction = get_variance(variance), as_prediction(prediction)
-    check_guidance_weight(guidance)
-    check_sampling_args(process, steps, sampler, eta)
-    interval = check_interval(guidance_interval)
+    spec = (spec or SamplingSpec()).check(process)
+    variance, prediction = get_variance(spec.variance), as_prediction(prediction)
+    steps = spec.steps
     if labels is not None and labels.shape != (shape[0],):
         raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(labels.shape)}")
     chain = process.respace(steps) if steps and steps < process.num_timesteps else process
@@ -135,37 +171,38 @@ def sample_progressive(
             x,
             timestep_map[t],
             labels,
-            guidance,
+            spec.guidance,
             null_label=null_label,
             num_timesteps=T_train,
-            rescale=guidance_rescale,
-            interval=interval,
+            rescale=spec.guidance_rescale,
+            interval=spec.guidance_interval,
             pred_channels=pred_channels,
         )
         moments = p_mean_variance(
-            chain, out, x, t, prediction=prediction, variance=variance, threshold=threshold
+            chain, out, x, t, prediction=prediction, variance=variance, threshold=spec.threshold
         )
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if sampler == "ancestral":
+        if spec.sampler == "ancestral":
             x = ancestral_step(moments, t, z)
         else:
-            x = ddim_step(chain, moments, x, t, z, eta)
+            x = ddim_step(chain, moments, x, t, z, spec.eta)
         yield i, x, moments
 
 
 def sample(
-    model: ModelFn, process: GaussianDiffusion, shape: tuple[int, ...], **kwargs
+    model: ModelFn,
+    process: GaussianDiffusion,
+    shape: tuple[int, ...],
+    spec: SamplingSpec | None = None,
+    **kwargs,
 ) -> torch.Tensor:
-    """Draw samples x_0 from any model callable ``model(x_t, t, y) -> output``.
+    """Draw samples x_0 of ``shape`` from any model callable ``model(x_t, t, y) -> output``, as
+    ``spec`` says (:class:`SamplingSpec`: guidance, variance, steps, sampler, ...).
 
-    Args (keyword): ``labels`` (N,) class labels or None for an unconditional model;
-    ``guidance`` w (0 unconditional, 1 conditional, >1 extrapolates; needs ``null_label``);
-    ``variance`` ('fixed_small', 'fixed_large', 'learned_range'; ancestral sampler only);
-    ``steps`` K <= T sampling steps (respaced chain, item 15; None = all T);
-    ``sampler`` 'ancestral' or 'ddim' with ``eta`` (η = 1 is the fixed_small ancestral sampler);
-    ``prediction`` 'eps', 'x0' or 'v'; ``guidance_rescale`` φ; ``guidance_interval`` (lo, hi) as
-    fractions of T; ``threshold`` 'none', 'clip' or 'dynamic' for x̂_0; ``generator`` or
-    ``noise`` (the starting x_T) for reproducibility; ``device``.
+    Keyword args: ``labels`` (N,) class labels or None for an unconditional model;
+    ``prediction`` 'eps', 'x0' or 'v' (what the model outputs); ``null_label`` (the label of
+    ∅, needed for guidance); ``generator`` or ``noise`` (the starting x_T) for reproducibility;
+    ``device``.
     """
-    *_, (_, x0, _) = sample_progressive(model, process, shape, **kwargs)
+    *_, (_, x0, _) = sample_progressive(model, process, shape, spec, **kwargs)
     return x0

@@ -11,6 +11,7 @@ DictConfig or plain mapping with a ``name`` key) into a module.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,8 +78,10 @@ def _to_dataclass(
     fields = config_cls.__dataclass_fields__
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"{key}.{unknown[0]}: unknown key for a {raw['name']} network; "
+            f"{key}.{unknown[0]}: unknown key for a {raw['name']} network; {hint}"
             f"expected one of {sorted(fields)}"
         )
     schema = OmegaConf.structured(config_cls)

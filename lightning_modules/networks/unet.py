@@ -13,6 +13,7 @@ unconditional); ``unet_preset`` names it and a small one for 8x8 digits.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 from collections.abc import Callable
@@ -127,8 +128,10 @@ def unet_preset(name: str, **overrides: object) -> UNetConfig:
     fields = {f.name for f in dataclasses.fields(UNetConfig)}
     for field in overrides:
         if field not in fields:
+            close = difflib.get_close_matches(field, sorted(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"network.{field}: unknown UNetConfig key; expected one of {sorted(fields)}"
+                f"network.{field}: unknown U-Net key; {hint}expected one of {sorted(fields)}"
             )
     return dataclasses.replace(_PRESETS[name], **overrides).validate()
 

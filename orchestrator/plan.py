@@ -1,0 +1,453 @@
+"""The plan of a sweep: which trainings run, which sampling cells each evaluates, what it costs.
+
+The sweep's central idea lives here: the noise schedule (and every other training-time key) is
+a training configuration, trained once; the reverse-process variance, the guidance weight, the
+number of steps (and every other ``sample.*`` key) are sampling cells, evaluated from each
+training's checkpoint. :func:`build_plan` builds the plan once, from a sweep file and its
+overrides, and building it *is* the validation: every training configuration is resolved and
+checked, its network built on the meta device and run on the data's shape, its dataset
+checked, and every sampling cell checked against the training it belongs to. A plan that
+builds is a sweep whose trials will not fail on their input; ``ddpm-sweep plan`` prints it,
+``run`` prints it and hands it to the trials.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_modules.config import (
+    CELL_LISTS,
+    ConfigError,
+    sampling_specs,
+    validate_config,
+    validate_sample_config,
+)
+from lightning_modules.data import build_datamodule, describe_data
+from lightning_modules.diffusion import SAMPLING_SPEC_KEYS, SamplingSpec, get_variance
+from lightning_modules.evaluate import eval_labels
+from lightning_modules.train import check_network
+
+from .sweep_config import Axis, Sweep, TuneSettings, load_sweep, training_grid
+from .tracking import cell_suffix
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sampling configuration of every training: its spec and its run's name."""
+
+    spec: SamplingSpec
+    name: str  # `eval w1_fixed_small_25steps` (+ `sampler=ddim ...` for other sampling axes)
+
+    def params(self) -> dict[str, str]:
+        """The cell's own settings as MLflow params (`sample.guidance`, ...)."""
+        return {f"sample.{k}": str(v) for k, v in self.spec.as_dict().items()}
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training configuration: its Tune params (the training axes' values) and its fully
+    resolved run config (whose `sample` lists are the plan's sampling values)."""
+
+    params: dict[str, Any]
+    config: DictConfig
+
+
+@dataclass(frozen=True)
+class Costs:
+    trainings: int  # Tune trials
+    cells: int  # sampling cells per training
+    evaluated_pairs: int  # trainings x cells: one MLflow eval run each
+    naive_trainings: int  # a grid over every axis trains once per pair
+    training_steps: int  # summed over the trainings
+    sampling_forwards: int  # network forward passes of one example, summed over every pair
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Plan:
+    sweep: Sweep
+    trainings: list[Training]  # one per training-grid combination (distributions: drawn by Tune)
+    cells: list[Cell]
+    costs: Costs
+    sampled_axes: list[Axis] = field(default_factory=list)  # training axes Tune draws from
+
+    @property
+    def name(self) -> str:
+        return self.sweep.name
+
+    @property
+    def tune(self) -> TuneSettings:
+        return self.sweep.tune
+
+    def training_for(self, params: dict[str, Any]) -> Training:
+        """The training a Tune trial's params stand for: the planned one for a grid point, or
+        (values drawn from a distribution) one resolved and checked now."""
+        for training in self.trainings:
+            if training.params == params:
+                return training
+        config = resolve(self.sweep, params, self.cells)
+        check_training(self.sweep, config, params, self.cells, local_data=False)
+        return Training(dict(params), config)
+
+    def cells_for(self, params: dict[str, Any]) -> list[Cell]:
+        """The cells a training evaluates: all of them (train once, sample many)."""
+        return self.cells
+
+    def table(self) -> str:
+        """What `ddpm-sweep plan` prints: trainings, cells, counts and cost."""
+        c, sweep = self.costs, self.sweep
+        lines = [f"plan of sweep {sweep.name!r} ({sweep.source})"]
+        axes = [a.key for a in sweep.training_axes]
+        lines.append(
+            f"trainings: {c.trainings}"
+            + (
+                f" ({sweep.tune.num_samples} sample(s) of each)"
+                if sweep.tune.num_samples > 1
+                else ""
+            )
+        )
+        if axes:
+            rows = [
+                [str(i), *(_show(t.params.get(k, "")) for k in axes)]
+                for i, t in enumerate(self.trainings)
+            ]
+            for a in self.sampled_axes:
+                for row in rows:
+                    row[1 + axes.index(a.key)] = f"~{a.kind}{a.values}"
+            lines += _table(["#", *axes], rows)
+        else:
+            lines.append("  (one training: the base config)")
+        lines.append(f"sampling cells per training: {c.cells}")
+        varying = [
+            k for k in SAMPLING_SPEC_KEYS if len({getattr(x.spec, k) for x in self.cells}) > 1
+        ]
+        rows = [
+            [x.name.removeprefix("eval "), *(_show(getattr(x.spec, k)) for k in varying)]
+            for x in self.cells
+        ]
+        lines += _table(["cell", *varying], rows)
+        lines.append(
+            f"evaluated pairs: {c.evaluated_pairs} (a naive grid over every axis would train "
+            f"{c.naive_trainings} times); training steps: {c.training_steps:,}; sampling: "
+            f"{c.sampling_forwards:,} network forwards"
+        )
+        return "\n".join(lines)
+
+
+def _show(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    out = ["  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    out += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return out
+
+
+# -- building the plan --------------------------------------------------------------------------
+def build_plan(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    name: str | None = None,
+    *,
+    local_data: bool = True,
+) -> Plan:
+    """Read the sweep file and build its plan; every error is one ConfigError that points at
+    the key as written. ``local_data``: the dataset's files are on this machine (no Ray address)
+    and are checked here; on a cluster only the dataset's name and options are (its files are
+    checked on the workers, see orchestrator/cluster.py)."""
+    sweep = load_sweep(path, list(overrides), name)
+    try:
+        return _build(sweep, local_data)
+    except ConfigError as err:
+        raise sweep.file.locate(err) if sweep.file else err from None
+
+
+def _build(sweep: Sweep, local_data: bool) -> Plan:
+    _check_sampling_axes(sweep)
+    cells = plan_cells(sweep)
+    sampled = [a for a in sweep.training_axes if a.kind != "grid"]
+    trainings = []
+    for combo in training_grid(sweep):
+        for draw in _representatives(sampled):  # each extreme of every distribution
+            params = combo | draw
+            config = resolve(sweep, params, cells)
+            check_training(sweep, config, params, cells, local_data)
+        params = combo | {a.key: _representatives([a])[0][a.key] for a in sampled}
+        trainings.append(Training(combo, resolve(sweep, params, cells)))
+    _check_devices(sweep)
+    return Plan(sweep, trainings, cells, _costs(sweep, trainings, cells), sampled)
+
+
+def _representatives(axes: list[Axis]) -> list[dict[str, Any]]:
+    """Values that stand for every draw of the distributions: all choices, both bounds."""
+    options = [a.values if a.kind == "choice" else list(a.values) for a in axes]
+    return [dict(zip([a.key for a in axes], combo)) for combo in itertools.product(*options)]
+
+
+def _dedupe(values: list) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def plan_cells(sweep: Sweep) -> list[Cell]:
+    """The sampling cells: every combination of the sampling axes, with the base's lists for
+    guidance, variance and steps where no axis replaces them. Names as in MLflow."""
+    lists = {f"sample.{k}" for k in CELL_LISTS}
+    grid_axes = [a for a in sweep.sampling_axes if a.key not in lists]
+    list_axes = {a.key: _dedupe(_flat(a.values)) for a in sweep.sampling_axes if a.key in lists}
+    sample = OmegaConf.merge(
+        sweep.base.sample, {k.split(".", 1)[1]: v for k, v in list_axes.items()}
+    )
+    cells = []
+    for combo in itertools.product(*[a.values for a in grid_axes]):
+        scalars = dict(zip([a.key for a in grid_axes], combo))
+        cfg = OmegaConf.merge(sample, {k.split(".", 1)[1]: v for k, v in scalars.items()})
+        for spec in sampling_specs(cfg):
+            extra = [f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items()]
+            name = " ".join(["eval", cell_suffix(spec.guidance, spec.variance, spec.steps), *extra])
+            cells.append(Cell(spec, name))
+    return cells
+
+
+def _flat(values: list) -> list:
+    return [x for v in values for x in (v if isinstance(v, list) else [v])]
+
+
+def _nested(params: dict[str, Any]) -> dict:
+    """`{"diffusion.schedule": "cosine"}` -> `{"diffusion": {"schedule": "cosine"}}`."""
+    out: dict = {}
+    for key, value in params.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def resolve(sweep: Sweep, params: dict[str, Any], cells: list[Cell]) -> DictConfig:
+    """The run config of one training: the base, its training params, and the plan's sampling
+    values as the `sample` lists (what a checkpoint offers `ddpm-sweep sample` by default).
+    Merged as structured values, never through strings."""
+    lists = {k: _dedupe([getattr(c.spec, k) for c in cells]) for k in CELL_LISTS}
+    merged = OmegaConf.merge(sweep.base, _nested(params), {"sample": lists})
+    return merged
+
+
+def _axis_key(sweep: Sweep, params: dict[str, Any], key: str | None) -> str | None:
+    """The key as the user wrote it for an error on run-config key ``key``: the axis value
+    that set it (`search.train.lr[1]`), else the base's (`base.train.lr`)."""
+    if not key:
+        return None
+    for axis in sweep.axes:
+        if key == axis.key or key.startswith((axis.key + ".", axis.key + "[")):
+            if axis.key in params and axis.kind in ("grid", "choice"):
+                values = axis.values
+                index = next((i for i, v in enumerate(values) if v == params[axis.key]), None)
+                if index is not None:
+                    kind = ".choice" if axis.kind == "choice" else ""
+                    return f"search.{axis.key}{kind}[{index}]"
+            return f"search.{axis.key}"
+    return f"base.{key}"
+
+
+def check_training(
+    sweep: Sweep, config: DictConfig, params: dict[str, Any], cells: list[Cell], local_data: bool
+) -> None:
+    """Everything that would make this training's trial fail on its input, as a ConfigError."""
+    where = sweep.source
+    shown = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
+    context = f" (in the training with {shown})" if shown else ""
+
+    def fail(message: str, inner: str | None, located: str | None) -> ConfigError:
+        """``message`` starts with run-config key ``inner`` (``data.path: ...``); name it as
+        the user wrote it, ``located`` (``base.data.path``, ``search.train.lr.choice[1]``)."""
+        detail = message.removeprefix(f"{where}: ")
+        if located and inner and detail.startswith(inner):
+            detail = located + detail[len(inner) :]
+        elif located and not detail.startswith(located):
+            detail = f"{located}: {detail}"
+        return ConfigError(f"{where}: {detail}{context}", located)
+
+    # The training keys, with one cell's sampling values in the sample lists: each cell is
+    # checked against the training below, where its own value is named.
+    probe = OmegaConf.merge(
+        config, {"sample": {k: [getattr(cells[0].spec, k)] for k in CELL_LISTS}}
+    )
+    try:
+        validate_config(probe, where)
+    except ConfigError as err:
+        key = err.key.split("[", 1)[0] if err.key else None
+        raise fail(str(err), key, _axis_key(sweep, params, key)) from None
+    try:
+        data = build_datamodule(config.data) if local_data else describe_data(config.data)
+    except (ValueError, FileNotFoundError) as err:
+        key = "data.path" if isinstance(err, FileNotFoundError) else "data.name"
+        message = str(err) if str(err).startswith("data.") else f"{key}: {err}"
+        raise fail(message, key, _axis_key(sweep, params, key)) from None
+    try:
+        check_network(config, data)
+    except ValueError as err:
+        key = re.split(r"[:= []", str(err), maxsplit=1)[0]
+        key = key if key.startswith("network") else "network"
+        raise fail(str(err), key, _axis_key(sweep, params, key)) from None
+    for cell in cells:
+        problem = cell_problem(cell.spec, config)
+        if problem:
+            key, message = problem
+            raise fail(f"sample.{key}{message}", f"sample.{key}", _cell_key(sweep, cell, key))
+
+
+def _check_sampling_axes(sweep: Sweep) -> None:
+    """Each value of each sampling axis, on its own, as the `sample` section would take it."""
+    for axis in sweep.sampling_axes:
+        field_name = axis.key.split(".", 1)[1]
+        values = _flat(axis.values) if field_name in CELL_LISTS else axis.values
+        for i, value in enumerate(values):
+            one = [value] if field_name in CELL_LISTS else value
+            located = f"search.{axis.key}[{i}]"
+            try:
+                sample = OmegaConf.merge(sweep.base.sample, {field_name: one})
+                validate_sample_config(sample, sweep.base.diffusion.timesteps, sweep.source)
+            except ConfigError as err:
+                if err.key and err.key.split("[", 1)[0] != axis.key:
+                    continue  # another key of the base (its own error, reported elsewhere)
+                expected = str(err).split(" is invalid: ", 1)[-1]
+                raise ConfigError(
+                    f"{sweep.source}: {located} = {value!r} is invalid: {expected}", located
+                ) from None
+            except OmegaConfBaseException as err:
+                raise ConfigError(
+                    f"{sweep.source}: {located} = {value!r}: {str(err).splitlines()[0]}",
+                    located,
+                ) from None
+
+
+def _cell_key(sweep: Sweep, cell: Cell, key: str) -> str:
+    """Where the value of ``key`` (a SamplingSpec field) of ``cell`` was written: its axis
+    value (`search.sample.steps[1]`) or the base's (`base.sample.steps[0]`)."""
+    value = getattr(cell.spec, key)
+    for axis in sweep.sampling_axes:
+        if axis.key == f"sample.{key}":
+            values = _flat(axis.values) if key in CELL_LISTS else axis.values
+            index = next((i for i, v in enumerate(values) if v == value), None)
+            return f"search.{axis.key}" + (f"[{index}]" if index is not None else "")
+    base = sweep.base.sample[key]
+    if key in CELL_LISTS:
+        index = next((i for i, v in enumerate(base) if v == value), None)
+        return f"base.sample.{key}" + (f"[{index}]" if index is not None else "")
+    return f"base.sample.{key}"
+
+
+def cell_problem(spec: SamplingSpec, config: DictConfig) -> tuple[str, str] | None:
+    """Why ``spec`` cannot sample a model trained with ``config``: (spec key, what follows
+    the key in the message)."""
+    d, t = config.diffusion, config.train
+    if get_variance(spec.variance).learned and not get_variance(d.variance).learned:
+        return "variance", (
+            f" = {spec.variance!r} needs a model trained with diffusion.variance = "
+            f"'learned_range', but this training has {d.variance!r}: sample it with "
+            "fixed_small or fixed_large, or train with learned_range"
+        )
+    if spec.steps is not None and not 1 <= spec.steps <= d.timesteps:
+        return "steps", (
+            f" = {spec.steps} is invalid: expected an integer in "
+            f"[1, diffusion.timesteps={d.timesteps}]"
+        )
+    if spec.guidance != 1 and t.p_uncond <= 0:
+        return "guidance", (
+            f" = {spec.guidance:g} needs the unconditional model, but this training has "
+            "train.p_uncond = 0 (labels never dropped): use w = 1, or train with p_uncond > 0 "
+            "(e.g. 0.1)"
+        )
+    if spec.guidance != 0 and t.p_uncond >= 1:
+        return "guidance", (
+            f" = {spec.guidance:g} needs the conditional model, but this training has "
+            "train.p_uncond = 1 (labels always dropped): use w = 0"
+        )
+    return None
+
+
+def _check_devices(sweep: Sweep) -> None:
+    """The Tune and Lightning device settings, derived from each other and consistent."""
+    t, train = sweep.tune, sweep.base.train
+    where = sweep.source
+    if train.devices != 1:
+        raise ConfigError(
+            f"{where}: base.train.devices = {train.devices} is invalid in a sweep: expected 1 "
+            "(each Tune trial is one process; give a trial more GPUs with tune.gpus_per_trial)",
+            "base.train.devices",
+        )
+    if t.gpus_per_trial == 0 and train.accelerator in ("gpu", "cuda"):
+        raise ConfigError(
+            f"{where}: base.train.accelerator = {train.accelerator!r} needs a GPU, but "
+            "tune.gpus_per_trial = 0: set tune.gpus_per_trial (e.g. 1)",
+            "base.train.accelerator",
+        )
+    if t.gpus_per_trial > 0 and train.accelerator == "cpu":
+        raise ConfigError(
+            f"{where}: tune.gpus_per_trial = {t.gpus_per_trial:g} reserves a GPU that "
+            "base.train.accelerator = 'cpu' would leave idle: set one of them",
+            "tune.gpus_per_trial",
+        )
+
+
+def _costs(sweep: Sweep, trainings: list[Training], cells: list[Cell]) -> Costs:
+    n_trainings = len(trainings) * sweep.tune.num_samples
+    base = sweep.base
+    classes = describe_data(base.data).num_classes or 0
+    labels = eval_labels(classes, base.eval.num_samples, base.sample.per_class)
+    examples = base.eval.num_samples if labels is None else len(labels)
+    forwards = 0
+    for t in trainings:
+        for cell in cells:
+            steps = cell.spec.steps or t.config.diffusion.timesteps
+            passes = 1 if cell.spec.guidance in (0, 1) else 2  # CFG: a doubled batch
+            forwards += examples * steps * passes
+    return Costs(
+        trainings=n_trainings,
+        cells=len(cells),
+        evaluated_pairs=n_trainings * len(cells),
+        naive_trainings=n_trainings * len(cells),
+        training_steps=sweep.tune.num_samples * sum(t.config.train.max_steps for t in trainings),
+        sampling_forwards=sweep.tune.num_samples * forwards,
+    )
+
+
+def check_cluster(plan: Plan, nodes: list[dict]) -> None:
+    """Once connected to Ray, before anything is recorded: some node must offer what one trial
+    asks for (CPUs, GPUs, custom resources), or Tune would wait forever."""
+    t, where = plan.tune, plan.sweep.source
+    asks = {"CPU": t.cpus_per_trial, "GPU": t.gpus_per_trial} | dict(t.resources_per_trial)
+    asks = {k: v for k, v in asks.items() if v > 0}
+    keys = {"CPU": "tune.cpus_per_trial", "GPU": "tune.gpus_per_trial"}
+    for resource, amount in asks.items():
+        best = max((n.get("Resources", {}).get(resource, 0.0) for n in nodes), default=0.0)
+        if best < amount:
+            key = keys.get(resource, f"tune.resources_per_trial.{resource}")
+            cluster = f"the {len(nodes)}-node Ray cluster"
+            have = (
+                f"the most one node of {cluster} offers is {best:g} {resource}"
+                if best
+                else f"no node of {cluster} offers {resource}"
+            )
+            err = ConfigError(
+                f"{where}: {key} = {amount:g} is more than a trial can get: {have} (lower it, "
+                "or add nodes that have it)",
+                key,
+            )
+            raise plan.sweep.file.locate(err) if plan.sweep.file else err
