@@ -91,10 +91,19 @@ def _create_run(client, ctx: TrialContext, name: str, role: str, params: dict, e
         | (extra_tags or {})
     )
     run = client.create_run(ctx.experiment_id, run_name=name, tags=tags)
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow's batch limit
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    log_missing_params(client, run.info.run_id, params, have={})
     return run.info.run_id
+
+
+def log_missing_params(client, run_id: str, params: dict, have: dict | None = None) -> None:
+    """Log the params the run does not have yet. A run is created first and its params logged
+    after, so a process killed in between leaves a run without them; whoever re-attaches to
+    the run (a retried trial, a redone cell) completes it this way (params are write-once)."""
+    if have is None:
+        have = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -128,6 +137,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         )
     else:  # a retried or resumed trial re-attaches to its run
         client.update_run(run_id, status="RUNNING")
+        log_missing_params(client, run_id, flat_params(cfg))
         log.info("trial %s re-attached to MLflow run %s", trial.get_trial_name(), run_id)
     node_id = ray.get_runtime_context().get_node_id()
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
@@ -241,6 +251,7 @@ def _evaluate_into_run(
         run_id, have = run.info.run_id, set(run.data.metrics)
         client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
         client.update_run(run_id, status="RUNNING")
+        log_missing_params(client, run_id, flat_params(cfg) | cell.params(), run.data.params)
         log.info("redoing the interrupted evaluation %r in run %s", cell.name, run_id)
     evaluated = evaluate_cell(
         result.module,

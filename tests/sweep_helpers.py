@@ -67,7 +67,11 @@ def assert_complete(
             train = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
             assert sorted(train) == list(range(log_every - 1, max_steps, log_every)), train
     for r in runs:
-        if r.data.tags["ddpm_sweep.role"] == "eval":  # a FINISHED cell is a complete cell
+        role = r.data.tags["ddpm_sweep.role"]
+        if role == "eval":  # a FINISHED cell is a complete cell: params, metrics, PNG
+            assert "sample.guidance" in r.data.params, r.info.run_name
             assert "sample_seconds" in r.data.metrics, r.info.run_name
             assert client.list_artifacts(r.info.run_id, "samples"), r.info.run_name
+        if role in ("eval", "train"):
+            assert "diffusion.schedule" in r.data.params, r.info.run_name
     return trains

@@ -73,7 +73,7 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
     plan, cfg, result = fitted
     client, ctx, train_run = setup_trial(tmp_path, plan)
     # An earlier attempt finished cell w=0, and was killed inside cell w=1: its run was opened
-    # (RUNNING, no metrics, no PNG) but never finished.
+    # (RUNNING, no params, no metrics, no PNG) but never finished.
     sampled = counting(monkeypatch)
     first = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run)
     assert [(s.guidance, s.variance, s.steps) for s in sampled] == [
@@ -103,6 +103,9 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
     assert set(names.values()) == {1} and len(names) == 3  # none recorded twice
     redone = next(r for r in runs if r.info.run_name == "eval w1_fixed_small_5steps")
     assert redone.info.run_id == half and redone.info.status == "FINISHED"
+    # Killed between creating its run and logging its params: the redo completes them.
+    assert redone.data.params["sample.guidance"] == "1.0"
+    assert redone.data.params["diffusion.timesteps"] == "20"
     for r in runs:  # every FINISHED cell has all its metrics and its PNG
         assert r.info.status == "FINISHED"
         assert (
