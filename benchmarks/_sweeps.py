@@ -2,15 +2,14 @@
 
 Not a benchmark itself. Two halves:
 
-* worker side: `timed_trainable`, the Tune trainable both benchmarks run instead of the product's
-  `tune.with_parameters(train_and_evaluate, ctx=ctx)`. It calls the product's
-  `train_and_evaluate` unchanged and times each phase of the trial from inside the worker
-  process. This module imports nothing heavy at module level (stdlib only) and the context
-  arrives as a plain dict, so torch / Lightning / MLflow / the product are imported inside the
-  trial, where the import time is measured (the product's trainable pays the same imports when
-  the worker loads the trainable, before Tune's clock for the trial starts);
-* driver side: starting Ray, running `run_sweep` with the trainable swapped in, reading back
-  Tune's per-trial results and the MLflow evaluation runs.
+* worker side: `timed_trainable`, the function both benchmarks hand to the product's
+  `run_sweep(..., trainable=...)` seam. It imports the product inside the trial, where that
+  import time is measured (the product's trainable pays the same imports when the worker loads
+  it, before Tune's clock for the trial starts), then calls `train_and_evaluate` unchanged. The
+  trial's own phases (build, fit, checkpoint, evaluate, MLflow) are what the product reports
+  with every trial's result (`time/<phase>_s`, orchestrator/phases.py): nothing is patched;
+* driver side: starting Ray, running `run_sweep` with that trainable, reading back Tune's
+  per-trial results and the MLflow evaluation runs.
 
 Ray puts the driver script's directory (`benchmarks/`) on the workers' `sys.path`, so the
 workers import this module by name.
@@ -18,95 +17,25 @@ workers import this module by name.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
-# Phases of one trial, in the order they are printed. Each is exclusive time (a timed call
-# nested in another counts only for the inner one), so they add up to the trial's total.
+# Phases of one trial, in the order they are printed; exclusive times that add up to the
+# trial's total. All but imports and other are the product's own report (orchestrator/phases.py).
 PHASES = (
     "imports",  # torch, pytorch_lightning, mlflow, orchestrator.trial (0 once imported)
     "build",  # build_experiment: data module + network
-    "fit",  # Lightning fit incl. validation and checkpoint writing, excl. MLflow and Tune calls
-    "evaluate",  # evaluate_cell: sampling + metrics + PNG of one cell
-    "mlflow",  # every MlflowClient call (runs, params, metrics, artifacts), incl. Lightning's
-    "run_tags",  # the tags of each new MLflow run: `git rev-parse` + package versions
-    "tune_report",  # tune.report (incl. persisting the checkpoint to the storage path)
-    "other",  # the rest: config, prepare_context, temp dirs, ...
+    "fit",  # Lightning fit, validation included; checkpoints and MLflow calls excluded
+    "checkpoint",  # at each validation: save, sync the metrics with MLflow, tune.report
+    "evaluate",  # the sampling cells: sampling, metrics, PNGs (MLflow calls excluded)
+    "mlflow",  # every MlflowClient call of the trial's thread (runs, params, artifacts, ...)
+    "other",  # the rest: config, run tags, temp dirs, the final report, ...
 )
-MLFLOW_METHODS = (
-    "__init__",
-    "create_run",
-    "log_batch",
-    "log_artifact",
-    "log_artifacts",
-    "set_terminated",
-    "set_tag",
-    "search_runs",
-    "get_run",
-    "get_metric_history",
-    "update_run",
-    "log_param",
-    "log_metric",
-    "get_experiment_by_name",
-)
-
-
-class _PhaseClock:
-    """Exclusive time per phase for nested timed calls, on the trial's own thread (one trial per
-    actor). Calls from other threads (the metric writer's background writes) are not timed: they
-    run beside the trial; what the trial waits for them (the sync before each checkpoint) counts
-    in the phase that waits, ``fit``."""
-
-    def __init__(self):
-        self.thread = threading.get_ident()
-        self.totals: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.each: dict[str, list[float]] = {}  # every call's (inclusive) seconds, per name
-        self._stack: list[list] = []  # [name, start, time spent in timed children]
-
-    def wrap(self, name: str, fn):
-        clock = self
-
-        def timed(*args, **kwargs):
-            if threading.get_ident() != clock.thread:
-                return fn(*args, **kwargs)
-            clock._stack.append([name, time.perf_counter(), 0.0])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _, start, child = clock._stack.pop()
-                elapsed = time.perf_counter() - start
-                clock.totals[name] = clock.totals.get(name, 0.0) + elapsed - child
-                clock.calls[name] = clock.calls.get(name, 0) + 1
-                clock.each.setdefault(name, []).append(elapsed)
-                if clock._stack:
-                    clock._stack[-1][2] += elapsed
-
-        timed.__wrapped__ = fn
-        return timed
-
-
-@contextlib.contextmanager
-def _patched(targets: list[tuple[Any, str, str]], clock: _PhaseClock):
-    """Replace obj.attr with a timed wrapper for the duration (restored after: actors may be
-    reused for the next trial)."""
-    saved = []
-    try:
-        for obj, attr, phase in targets:
-            original = getattr(obj, attr)
-            saved.append((obj, attr, original))
-            setattr(obj, attr, clock.wrap(phase, original))
-        yield
-    finally:
-        for obj, attr, original in reversed(saved):
-            setattr(obj, attr, original)
 
 
 def naive_plan(plan, name: str):
@@ -147,12 +76,11 @@ def timed_trainable(
     seed_first: bool = False,
     env: dict | None = None,
 ) -> None:
-    """The product's `train_and_evaluate(params, ctx)`, timed phase by phase; writes one JSON
+    """The product's `train_and_evaluate(params, ctx)`, with its imports timed; writes one JSON
     per trial to `timing_dir`. `env`: environment variables set for the trial (restored
     after)."""
     t_first = time.time()
     fresh_process = "torch" not in sys.modules
-    clock = _PhaseClock()
     start = time.perf_counter()
     import pytorch_lightning
     import torch
@@ -160,29 +88,17 @@ def timed_trainable(
     import orchestrator.trial as trial_mod
 
     imports_s = time.perf_counter() - start
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    trial_ctx = ctx
-    config = dict(params)
     if seed_first:  # variant: seed before build_experiment (the network's init), see README
-        seed = int(params.get("train.seed", trial_ctx.plan.sweep.base.train.seed))
+        seed = int(params.get("train.seed", ctx.plan.sweep.base.train.seed))
         pytorch_lightning.seed_everything(seed, workers=True, verbose=False)
-    targets = [
-        (trial_mod, "build_experiment", "build"),
-        (trial_mod, "fit", "fit"),
-        (trial_mod, "evaluate_cell", "evaluate"),
-        (trial_mod, "run_tags", "run_tags"),
-        (tune, "report", "tune_report"),
-        *[(MlflowClient, m, f"mlflow.{m}") for m in MLFLOW_METHODS if hasattr(MlflowClient, m)],
-    ]
     error = None
     saved_env = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     start = time.perf_counter()
     try:
-        with _patched(targets, clock):
-            trial_mod.train_and_evaluate(params, trial_ctx)
+        trial_mod.train_and_evaluate(params, ctx)
     except BaseException as err:
         error = repr(err)
         raise
@@ -192,30 +108,31 @@ def timed_trainable(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        compute_s = time.perf_counter() - start
-        mlflow_detail = {k: v for k, v in clock.totals.items() if k.startswith("mlflow.")}
-        totals = clock.totals | {"mlflow": sum(mlflow_detail.values())}
-        phases = {"imports": imports_s} | {p: totals.get(p, 0.0) for p in PHASES[1:-1]}
-        phases["other"] = compute_s - sum(v for k, v in phases.items() if k != "imports")
         trial = tune.get_context()
         record = {
             "trial_id": trial.get_trial_id(),
             "trial_name": trial.get_trial_name(),
-            "params": config,
+            "params": dict(params),
             "pid": os.getpid(),
             "fresh_process": fresh_process,
             "torch_threads": torch.get_num_threads(),
             "t_first": t_first,  # wall clock at the trainable's first line
             "t_return": time.time(),  # wall clock when train_and_evaluate returned
-            "compute_s": compute_s,  # train_and_evaluate, imports excluded
-            "phases_s": phases,
-            "mlflow_s": mlflow_detail,
-            "calls": clock.calls,
-            "each_call_s": clock.each,
+            "compute_s": time.perf_counter() - start,  # train_and_evaluate, imports excluded
+            "imports_s": imports_s,
             "error": error,
         }
         path = Path(timing_dir) / f"{record['trial_id']}.json"
         path.write_text(json.dumps(record, default=str))
+
+
+def trial_phases(record: dict, result: dict) -> dict[str, float]:
+    """A trial's phases: its imports (measured by the wrapper), the product's own report of
+    the rest (Tune's final result), and what neither covers."""
+    phases = {"imports": record["imports_s"]}
+    phases |= {p: float(result.get(f"time/{p}_s") or 0.0) for p in PHASES[1:-1]}
+    phases["other"] = record["compute_s"] - sum(v for k, v in phases.items() if k != "imports")
+    return phases
 
 
 # -- driver side ---------------------------------------------------------------------------------
@@ -255,66 +172,16 @@ def ray_version() -> str:
     return ray.__version__
 
 
-@contextlib.contextmanager
-def swapped(obj, attr: str, value):
-    original = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, original)
-
-
-def timed_trainable_factory(timing_dir: Path, *, seed_first: bool = False, env: dict | None = None):
-    """Drop-in for `orchestrator.sweep._trainable(plan, ctx)`: the same resources, with
-    `timed_trainable`."""
-
-    def factory(plan, ctx):
-        from ray import tune
-
-        t = plan.tune
-        return tune.with_resources(
-            tune.with_parameters(
-                timed_trainable,
-                ctx=ctx,
-                timing_dir=str(timing_dir),
-                seed_first=seed_first,
-                env=env,
-            ),
-            {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-        )
-
-    return factory
-
-
-@contextlib.contextmanager
-def tune_config_extra(**extra):
-    """Add settings to the `tune.TuneConfig` that `run_sweep` builds (e.g. reuse_actors=True)."""
-    from ray import tune
-
-    if not extra:
-        yield
-        return
-    original = tune.TuneConfig
-
-    def make(*args, **kwargs):
-        return original(*args, **(kwargs | extra))
-
-    with swapped(tune, "TuneConfig", make):
-        yield
-
-
 def run_timed_sweep(
     plan,
     workdir: Path,
     *,
     seed_first: bool = False,
     env: dict | None = None,
-    tune_extra: dict | None = None,
 ) -> dict:
     """`run_sweep(plan)` with a fresh sqlite MLflow file and Tune storage under `workdir`,
-    the trainable swapped for `timed_trainable`. Returns wall times, per-trial timing records
-    (joined with Tune's results) and the tracking URI."""
+    each trial running `timed_trainable` (the `trainable` seam). Returns wall times, per-trial
+    timing records (joined with Tune's results) and the tracking URI."""
     import orchestrator.sweep as sweep_mod
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -322,13 +189,16 @@ def run_timed_sweep(
     timing_dir.mkdir(exist_ok=True)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     storage = workdir / "tune"
-    factory = timed_trainable_factory(timing_dir, seed_first=seed_first, env=env)
+    trainable = functools.partial(
+        timed_trainable, timing_dir=str(timing_dir), seed_first=seed_first, env=env
+    )
     cwd = os.getcwd()
     os.chdir(workdir)  # MLflow's default artifact root is ./mlruns
     t_start = time.time()
     try:
-        with swapped(sweep_mod, "_trainable", factory), tune_config_extra(**(tune_extra or {})):
-            summary = sweep_mod.run_sweep(plan, tracking_uri=uri, storage_path=str(storage))
+        summary = sweep_mod.run_sweep(
+            plan, tracking_uri=uri, storage_path=str(storage), trainable=trainable
+        )
     finally:
         os.chdir(cwd)
     t_end = time.time()
@@ -339,6 +209,7 @@ def run_timed_sweep(
         rec = json.loads(path.read_text())
         result = tune_results.get(rec["trial_id"], {})
         rec["time_total_s"] = result.get("time_total_s")
+        rec["phases_s"] = trial_phases(rec, result)
         rec["final_metrics"] = {
             k: v for k, v in result.items() if isinstance(v, (int, float)) and "/" in k
         }

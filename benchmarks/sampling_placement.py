@@ -71,7 +71,6 @@ import _sweeps
 import torch
 from omegaconf import OmegaConf
 
-import lightning_modules.evaluate as evaluate_mod
 from lightning_modules.config import load_config
 from lightning_modules.evaluate import evaluate_module, prepare_context
 from lightning_modules.train import fit
@@ -153,35 +152,21 @@ def metrics_of(row) -> dict[str, float]:
 def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
     """`evaluate_cells` for one scalar combination, minus MLflow: one context, one call.
 
-    Timing per cell: each cell is sampled on its own (`evaluate_cell`), and its result carries its
-    sampling seconds; `_measure` (the metrics) is timed per row. Rows come in call order."""
+    Timing per cell: each cell is sampled on its own (`evaluate_cell`), and its result carries
+    its sampling and metric seconds. Rows come in call order."""
     module = result.module.to(device)  # a no-op on a CPU; see the notes for a GPU
-    measure_s: list[float] = []
-    original_measure = evaluate_mod._measure
-
-    def timed_measure(ctx, x, labels):
-        start = time.perf_counter()
-        out = original_measure(ctx, x, labels)
-        measure_s.append(time.perf_counter() - start)
-        return out
-
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     eval_ctx = prepare_context(result.datamodule, cfg.eval)
     prepare_s = time.perf_counter() - t0
-    evaluate_mod._measure = timed_measure
-    try:
-        t1 = time.perf_counter()
-        rows = evaluate_module(
-            module, result.datamodule, cfg.sample, cfg.eval, out_dir, context=eval_ctx
-        )
-        evaluate_s = time.perf_counter() - t1
-    finally:
-        evaluate_mod._measure = original_measure
+    t1 = time.perf_counter()
+    rows = evaluate_module(
+        module, result.datamodule, cfg.sample, cfg.eval, out_dir, context=eval_ctx
+    )
+    evaluate_s = time.perf_counter() - t1
     sample_s = [row.sample_seconds for row in rows]
+    measure_s = [row.measure_seconds for row in rows]
     k = len(rows)
-    if len(sample_s) != k or len(measure_s) != k:
-        raise RuntimeError(f"{k} rows but {len(sample_s)} sample / {len(measure_s)} metric calls")
     rest = (evaluate_s - sum(sample_s) - sum(measure_s)) / k  # PNGs, labels: shared equally
     cells = [
         {

@@ -5,7 +5,8 @@ training steps, one small evaluation cell each) through the product's ``run_swee
 local Ray instance, ``max_concurrent_trials=2``, ``cpus_per_trial=1``. The trainable is the
 product's ``train_and_evaluate`` wrapped by ``_sweeps.timed_trainable``, which times from inside
 the worker: the imports (torch, Lightning, MLflow, the product), building the experiment, the
-Lightning fit, the evaluation, MLflow calls, ``run_tags``, ``tune.report``.
+Lightning fit, the checkpoints, the evaluation, MLflow calls (the product's own per-trial report,
+``time/<phase>_s``).
 
 Key: ``wall_over_ideal`` = (Ray start-up + ``run_sweep`` wall time) / (sum of the trials' compute
 ÷ parallel slots), goal <= 1.2, where a trial's compute is ``train_and_evaluate`` without the
@@ -55,8 +56,8 @@ CHANGES = {
     # Tune runs the next trial in the finished trial's actor (its worker process) when the
     # resources match: Ray 2.60 supports it for function trainables (reset_config). Without it
     # every trial is a new worker process that imports torch, Lightning and MLflow again.
-    "reuse_actors": {"tune_extra": {"reuse_actors": True}},
-    "no_reuse_actors": {"tune_extra": {"reuse_actors": False}},
+    "reuse_actors": {"overrides": ["tune.reuse_actors=true"]},
+    "no_reuse_actors": {"overrides": ["tune.reuse_actors=false"]},
     # pl.seed_everything(train.seed) before the trial builds its network (see the README).
     "seed_init": {"seed_first": True},
 }
@@ -70,7 +71,12 @@ def variant_kwargs(variant: str) -> dict:
         if change not in CHANGES:
             raise SystemExit(f"--variants: unknown change {change!r}; expected {list(CHANGES)}")
         for k, v in CHANGES[change].items():
-            out[k] = (out.get(k) or {}) | v if isinstance(v, dict) else v
+            if isinstance(v, dict):
+                out[k] = (out.get(k) or {}) | v
+            elif isinstance(v, list):
+                out[k] = (out.get(k) or []) + v
+            else:
+                out[k] = v
     return out
 
 
@@ -146,7 +152,7 @@ def _env() -> dict:
     return dict(os.environ)
 
 
-def build_sweep(args, workdir: Path, name: str):
+def build_sweep(args, workdir: Path, name: str, extra: list[str] = ()):
     raw = OmegaConf.load(args.sweep)
     if args.axis == "train.seed":
         values = list(range(args.trials))
@@ -171,6 +177,7 @@ def build_sweep(args, workdir: Path, name: str):
         "tune.search_alg=grid",
         "tune.scheduler=fifo",
         "tune.num_samples=1",
+        *extra,
     ]
     return build_plan(path, overrides, name)
 
@@ -183,10 +190,6 @@ def analyse(run: dict, slots: int, ray_init_s: float) -> dict:
     fresh = [t["phases_s"]["imports"] for t in trials if t["fresh_process"]]
     gaps = _sweeps.slot_gaps(trials, slots, run["t_start"], run["t_end"])
     phases = {p: sum(t["phases_s"][p] for t in trials) for p in _sweeps.PHASES}
-    mlflow_detail: dict[str, float] = {}
-    for t in trials:
-        for k, v in t["mlflow_s"].items():
-            mlflow_detail[k] = mlflow_detail.get(k, 0.0) + v
     tune_total = [t["time_total_s"] for t in trials if t["time_total_s"] is not None]
     first_wave = statistics.mean(gaps["first_wave_start_s"]) if trials else 0.0
     # The wall time, slot by slot: start-up of the first wave, then per slot its trials'
@@ -232,7 +235,6 @@ def analyse(run: dict, slots: int, ray_init_s: float) -> dict:
         "tail_s": gaps["tail_s"],
         "phases_s": phases,
         "phase_share_of_trial": {p: v / (compute + sum(imports)) for p, v in phases.items()},
-        "mlflow_s": dict(sorted(mlflow_detail.items(), key=lambda kv: -kv[1])),
         "wall_budget_s": budget,
         "final_val_loss": {
             json.dumps(t["params"], sort_keys=True): t["final_metrics"].get("val/loss_simple")
@@ -273,8 +275,7 @@ def conclusions(stats: dict, fresh: dict, ray_start: dict) -> dict:
             f"returning and the next starting in its slot.",
             f"Ray start-up: ray.init {ray_start['ray_init_s']:.1f} s, first task "
             f"{ray_start['first_task_s']:.1f} s.",
-            f"MLflow calls are {100 * mlflow_share:.0f}% of the trials' compute "
-            f"(top: {', '.join(f'{k} {v:.1f} s' for k, v in list(base['mlflow_s'].items())[:3])}).",
+            f"MLflow calls are {100 * mlflow_share:.0f}% of the trials' compute.",
         ],
     }
     for name, r in list(stats.items())[1:]:
@@ -307,8 +308,12 @@ def main() -> None:
     runs: dict = {}
     failed: dict[str, str] = {}
     try:
+        kwargs = {v: variant_kwargs(v) for v in args.variants}
         sweeps = {
-            v: build_sweep(args, tmp, f"overhead-{v.replace('+', '-')}") for v in args.variants
+            v: build_sweep(
+                args, tmp, f"overhead-{v.replace('+', '-')}", kwargs[v].pop("overrides", [])
+            )
+            for v in args.variants
         }
         ray_start = _sweeps.start_ray(log_to_driver=not args.quiet)
         slots = int(min(args.concurrency, ray_start["cluster_cpus"] // args.cpus_per_trial))
@@ -317,7 +322,7 @@ def main() -> None:
             load = os.getloadavg()[0]
             try:
                 runs[variant] = _sweeps.run_timed_sweep(
-                    sweeps[variant], tmp / variant.replace("+", "-"), **variant_kwargs(variant)
+                    sweeps[variant], tmp / variant.replace("+", "-"), **kwargs[variant]
                 )
             except Exception as err:  # e.g. Ray stopped from outside: keep what finished
                 failed[variant] = repr(err)

@@ -130,10 +130,6 @@ def trial_seconds(run: dict, cells: dict) -> dict:
     if any(v is None for v in tune_total):  # no Tune result for a trial: the wrapper's clock
         tune_total = [t["compute_s"] + t["phases_s"]["imports"] for t in trials]
     phases = {p: sum(t["phases_s"][p] for t in trials) for p in _sweeps.PHASES}
-    mlflow_detail: dict[str, float] = {}
-    for t in trials:
-        for k, v in t["mlflow_s"].items():
-            mlflow_detail[k] = mlflow_detail.get(k, 0.0) + v
     return {
         "trials": len(trials),
         "trial_seconds": sum(tune_total) - sum(imports),
@@ -141,7 +137,6 @@ def trial_seconds(run: dict, cells: dict) -> dict:
         "compute_s": sum(t["compute_s"] for t in trials),
         "imports_s": sum(imports),
         "phases_s": phases,
-        "mlflow_s": mlflow_detail,
         "wall_s": run["wall_s"],
         "load_average_1min": run["load_average_1min"],
         "eval_cells": len(cells),

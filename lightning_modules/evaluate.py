@@ -104,6 +104,7 @@ class EvalResult:
     metrics: dict[str, float]  # quality metrics (empty without metrics)
     sample_seconds: float  # sampling this cell alone, wall-clock
     image: Path
+    measure_seconds: float = 0.0  # computing its metrics, wall-clock (not logged)
 
     def logged_metrics(self) -> dict[str, float]:
         """What a run logs for the cell: its metrics and its sampling time."""
@@ -144,8 +145,9 @@ def evaluate_cell(
     else:
         sub = _grid_subset(x, ctx.num_classes, per_class)
         save_sample_grid(sub, png, nrow=per_class)
+    start = time.perf_counter()
     metrics = {k: float(v) for k, v in _measure(ctx, x, labels).items()} if with_metrics else {}
-    result = EvalResult(spec, metrics, seconds, png)
+    result = EvalResult(spec, metrics, seconds, png, time.perf_counter() - start)
     log.info("evaluated %s", {k: v for k, v in result.as_dict().items() if k != "image"})
     return result
 

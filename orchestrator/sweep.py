@@ -97,22 +97,22 @@ def open_parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str]:
 STATE_FILE = "ddpm_sweep.json"  # in the Tune experiment directory: what `resume` needs
 
 
-def _trainable(plan: Plan, ctx: TrialContext):
+def _trainable(plan: Plan, ctx: TrialContext, trainable=train_and_evaluate):
     from ray import tune
 
     t = plan.tune
     return tune.with_resources(
-        tune.with_parameters(train_and_evaluate, ctx=ctx),
+        tune.with_parameters(trainable, ctx=ctx),
         {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial} | dict(t.resources_per_trial),
     )
 
 
-def _tuner(plan: Plan, ctx: TrialContext, location: str):
+def _tuner(plan: Plan, ctx: TrialContext, location: str, trainable=train_and_evaluate):
     from ray import tune
 
     sweep, t = plan.sweep, plan.tune
     return tune.Tuner(
-        _trainable(plan, ctx),
+        _trainable(plan, ctx, trainable),
         param_space=tune_space(sweep.training_axes),
         tune_config=tune.TuneConfig(
             metric=t.metric,
@@ -153,7 +153,11 @@ def run_sweep(
     address: str | None = None,
     storage_path: str | None = None,
     overrides: list[str] = (),
+    trainable=train_and_evaluate,
 ) -> dict[str, Any]:
+    """Run the plan's trials on Ray Tune, recorded in MLflow; the summary. ``trainable``: the
+    function each trial runs, ``train_and_evaluate`` (a seam for tools that wrap it, e.g. the
+    benchmarks, which time it from the outside)."""
     sweep = plan.sweep
     location = experiment_location(storage_path, sweep.name)
     # Before anything is recorded: a refused sweep leaves no run.
@@ -173,7 +177,7 @@ def run_sweep(
     client = mlflow.MlflowClient(tracking_uri)
     start = time.time()
     try:
-        tuner = _tuner(plan, ctx, location)
+        tuner = _tuner(plan, ctx, location, trainable)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")

@@ -26,6 +26,7 @@ from lightning_modules.evaluate import evaluate_cell, prepare_context
 from lightning_modules.train import build_experiment, fit
 
 from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
+from .phases import PhaseTimer, TimedClient
 from .plan import Cell, Plan
 from .tracking import cell_suffix, flat_params, run_tags
 
@@ -61,8 +62,8 @@ class TuneReportCallback(pl.Callback):
     checkpoint (``pending_metrics.json``) for the trial resumed from it to log.
     """
 
-    def __init__(self, run_id: str, logger: DurableMLFlowLogger):
-        self.run_id, self.logger = run_id, logger
+    def __init__(self, run_id: str, logger: DurableMLFlowLogger, timer: PhaseTimer):
+        self.run_id, self.logger, self.timer = run_id, logger, timer
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ray import tune
@@ -71,7 +72,7 @@ class TuneReportCallback(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["step"] = trainer.global_step
-        with tempfile.TemporaryDirectory() as tmp:
+        with self.timer("checkpoint"), tempfile.TemporaryDirectory() as tmp:
             trainer.save_checkpoint(Path(tmp) / "last.ckpt")
             (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
             (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics))
@@ -114,7 +115,9 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = ctx.plan.training_for(params).config
     trial = tune.get_context()
-    client = mlflow.MlflowClient(ctx.tracking_uri)
+    timer = PhaseTimer()
+    with timer("mlflow"):  # the client opens the tracking store (a database engine, a session)
+        client = TimedClient(mlflow.MlflowClient(ctx.tracking_uri), timer)
     root = Path(tempfile.mkdtemp(prefix="ddpm-trial-"))
     run_id, ckpt_path, reported, carried = _resume_point(root)
     if run_id is None:
@@ -142,21 +145,26 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
     client.set_tag(run_id, "ddpm_sweep.node_id", node_id)  # which Ray node trained it
-    logger = DurableMLFlowLogger(ctx.tracking_uri, run_id, client, carried)
+    with timer("mlflow"):
+        logger = DurableMLFlowLogger(ctx.tracking_uri, run_id, client, carried)
     try:
-        result = fit(
-            cfg,
-            root,
-            logger=logger,
-            callbacks=[TuneReportCallback(run_id, logger)],
-            experiment=build_experiment(cfg),
-            ckpt_path=ckpt_path,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        with timer("build"):
+            experiment = build_experiment(cfg)
+        with timer("fit"):
+            result = fit(
+                cfg,
+                root,
+                logger=logger,
+                callbacks=[TuneReportCallback(run_id, logger, timer)],
+                experiment=experiment,
+                ckpt_path=ckpt_path,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
         cells = ctx.plan.cells_for(params)
-        summary = evaluate_cells(client, ctx, cells, cfg, result, root, run_id)
+        with timer("evaluate"):
+            summary = evaluate_cells(client, ctx, cells, cfg, result, root, run_id)
     except SystemExit:
         # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
         # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
@@ -171,7 +179,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     # fit, or, for a trial resumed from the checkpoint at its last step (no step left to run),
     # from that checkpoint's report.
     final = reported | {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
-    tune.report(final | {"node_id": node_id})
+    tune.report(final | timer.report() | {"node_id": node_id})
 
 
 def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:

@@ -3,6 +3,7 @@ end-to-end sweep on a real local Ray whose MLflow content is checked run by run.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from cli_helpers import run_cli
 
 from lightning_modules.config import ConfigError
+from orchestrator.phases import PHASES
 from orchestrator.plan import build_plan
 from orchestrator.sweep_config import is_sampling_time
 
@@ -164,6 +166,16 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"resolved_config.yaml", "sweep.json", "summary.json", "report", "best"} <= parent_files
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best")] == ["best/last.ckpt"]
+    summary = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))
+        ).read_text()
+    )
+    for trial in summary["trials"]:  # where each trial's time went, as the trial measured it
+        phases = {k: v for k, v in trial["metrics"].items() if k.startswith("time/")}
+        assert set(phases) == {f"time/{p}_s" for p in PHASES}
+        assert phases["time/fit_s"] > 0 and phases["time/evaluate_s"] > 0
+        assert phases["time/mlflow_s"] > 0 and phases["time/checkpoint_s"] > 0
     (version,) = client.search_model_versions("name = 'e2e'")
     assert version.tags["ddpm_sweep.parent_run_id"] == parent.info.run_id
     assert "best: eval w" in out.stdout and "CPU-hours" in out.stdout
