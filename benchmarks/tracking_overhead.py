@@ -61,42 +61,42 @@ class SyncTimer(pl.Callback):
         assert not left, "the sqlite store did not confirm the metrics"
 
 
+def train(cfg, root: Path, logger, timer: pl.Callback, **trainer_settings) -> None:
+    """The product's experiment and trainer (build_experiment, build_trainer), quiet."""
+    datamodule, module = build_experiment(cfg)
+    trainer = build_trainer(
+        cfg,
+        root,
+        logger=logger,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_settings,
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+
 def sync_cost(cfg, root: Path, uri: str, client, experiment_id: str, validations: int):
     """Train with a validation every 5 steps and time the sync after each validation."""
     run = client.create_run(experiment_id)
     logger = DurableMLFlowLogger(uri, run.info.run_id, client)
     timer = SyncTimer(logger)
-    datamodule, module = build_experiment(cfg)
-    trainer = build_trainer(
+    train(
         cfg,
         root,
-        logger=logger,
-        callbacks=[timer],
+        logger,
+        timer,
         max_steps=5 * validations,
         val_check_interval=5,
         limit_val_batches=1,
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule)
     return timer.ms
 
 
 def one_round(cfg, root: Path, steps: int, warmup: int, logger) -> float:
     timer = StepTimer(warmup)
-    datamodule, module = build_experiment(cfg)
-    trainer = build_trainer(
-        cfg,
-        root,
-        logger=logger,
-        callbacks=[timer],
-        max_steps=warmup + steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    train(cfg, root, logger, timer, max_steps=warmup + steps, limit_val_batches=0)
     return statistics.mean(timer.times)
 
 

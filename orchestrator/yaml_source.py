@@ -9,6 +9,7 @@ a syntax error, a duplicate key, a list or a scalar where a mapping is expected)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,11 @@ class Source:
 
     def position(self, key: str | None) -> tuple[int, int] | None:
         """Where ``key`` (or the nearest enclosing key that the file has) stands."""
-        while key:
-            if key in self.positions:
-                return self.positions[key]
-            cut = max(key.rfind("."), key.rfind("["))
-            key = key[:cut] if cut > 0 else ""
-        return None
+        return next((self.positions[k] for k in _enclosing(key) if k in self.positions), None)
 
     def override(self, key: str | None) -> str | None:
         """The command-line override that set ``key`` (or a key above it), if one did."""
-        while key:
-            if key in self.overrides:
-                return self.overrides[key]
-            cut = max(key.rfind("."), key.rfind("["))
-            key = key[:cut] if cut > 0 else ""
-        return None
+        return next((self.overrides[k] for k in _enclosing(key) if k in self.overrides), None)
 
     def where(self, key: str | None) -> str:
         """``file:line:column`` of ``key``; ``file (override k=v)`` when the command line set
@@ -65,6 +56,14 @@ class Source:
         if err.key and message.startswith(prefix):
             message = f"{self.where(err.key)}: {message[len(prefix) :]}"
         return ConfigError(message, err.key)
+
+
+def _enclosing(key: str | None) -> Iterator[str]:
+    """``a.b[2]``, ``a.b``, ``a``: the key and every key above it."""
+    while key:
+        yield key
+        cut = max(key.rfind("."), key.rfind("["))
+        key = key[:cut] if cut > 0 else ""
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:

@@ -181,16 +181,7 @@ class LocalRayCluster:
         (SIGTERM makes each node drain for up to 30 s). Safe to call twice."""
         for node in self.nodes:
             node.kill()
-        for _ in range(20):
-            pids = self._own_pids()
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        kill_until_gone(self._own_pids)
         self.nodes = []
 
     def cleanup(self) -> None:
@@ -223,8 +214,14 @@ def processes_with(mark: str) -> list[int]:
 
 def kill_processes_with(mark: str) -> None:
     """SIGKILL every process whose environment holds ``mark``, until none is left."""
+    kill_until_gone(lambda: processes_with(mark))
+
+
+def kill_until_gone(find_pids) -> None:
+    """SIGKILL what ``find_pids()`` lists until it lists nothing (processes may start others
+    while they die), for up to ~10 s."""
     for _ in range(20):
-        pids = processes_with(mark)
+        pids = find_pids()
         if not pids:
             return
         for pid in pids:
