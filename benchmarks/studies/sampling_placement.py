@@ -46,14 +46,14 @@ time (only then would taking extra slots from the sweep pay). Also reported:
 ``task_evaluate_over_inside_compute`` (median over cells of a task's ``evaluate`` / the same
 cell's compute inside: how much slower sampling ran with ``slots`` tasks sharing the machine,
 which the overhead does not count but the wall time does). On a GPU both placements sample on
-the GPU here (the inside module is moved back to it: Lightning's teardown leaves it on the CPU
-after ``fit``, and ``evaluate_cells`` does not move it back; see ``notes``).
+the GPU (Lightning's teardown leaves the fitted module on the CPU; the product's
+``evaluate_cell`` moves it back to the GPU, ``lightning_modules.evaluate.sampling_device``).
 
 A Ray instance stopped from outside (``ray stop`` kills every Ray process on the machine) fails
 the variant running on it; it is rerun on a new local Ray (``--retries``, default 2), and the
 errors are kept under ``ray_failures``.
 
-    .venv/bin/python benchmarks/sampling_placement.py --out /tmp/bench_sampling_placement.json
+    .venv/bin/python benchmarks/studies/sampling_placement.py --out /tmp/bench_placement.json
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# A decision study, apart from the benchmarks that guard goals; it shares their helpers, which
+# live one folder up: on this process's path, and on the path of the Ray workers it starts.
+_BENCHMARKS = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, _BENCHMARKS)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_BENCHMARKS, os.environ.get("PYTHONPATH")) if p
+)
 
 import _common
 import _sweeps
@@ -154,7 +162,7 @@ def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
 
     Timing per cell: each cell is sampled on its own (`evaluate_cell`), and its result carries
     its sampling and metric seconds. Rows come in call order."""
-    module = result.module.to(device)  # a no-op on a CPU; see the notes for a GPU
+    module = result.module.to(device)  # evaluate_cell also moves it (sampling_device)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     eval_ctx = prepare_context(result.datamodule, cfg.eval)
@@ -387,7 +395,7 @@ def decide(
         " On a GPU, fractional-GPU tasks could share one GPU, but the trial already holds its "
         "GPU (gpus_per_trial), idle while it evaluates: inside the trial it serves the "
         "evaluation with no new process, imports, checkpoint load or context and no extra GPU "
-        "fraction to reserve (once evaluate_cells moves the module back to it: see the notes)."
+        "fraction to reserve."
     )
     if cuda:
         why += " (Measured with CUDA: see the figures.)"
@@ -471,18 +479,8 @@ def main() -> None:
     )
     slowdown = {n: evaluate_slowdown(inside, v["tasks"]) for n, v in variants.items()}
     notes = []
-    if cuda:
-        notes.append(
-            "The inside module was moved to the GPU before evaluating: after fit, Lightning's "
-            "teardown leaves it on the CPU and orchestrator.trial.evaluate_cells does not move "
-            "it back, so the product's in-trial evaluation samples on the CPU."
-        )
-    else:
-        notes.append(
-            "CPU only: the fractional-GPU variant was not run (num_gpus=0). Note that after "
-            "fit Lightning's teardown leaves the module on the CPU and evaluate_cells does not "
-            "move it back, so on a GPU trial the product's in-trial evaluation samples on the CPU."
-        )
+    if not cuda:
+        notes.append("CPU only: the fractional-GPU variant was not run (num_gpus=0).")
     if failed:
         notes.append(
             f"Ray died under a variant and it was rerun on a new local Ray: {failed} "
