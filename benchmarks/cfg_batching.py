@@ -37,8 +37,7 @@ NUM_TIMESTEPS = 1000
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p = _common.parser(__doc__, device=_common.default_device())
     p.add_argument("--preset", default="digits", help="U-Net preset: digits or ddpm_cifar10")
     p.add_argument(
         "--batch-sizes",
@@ -49,8 +48,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds per batch size (default 40; cifar CPU 3)")
     p.add_argument("--calls", type=int, default=2, help="calls per variant per round (timed)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the forwards")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -69,15 +66,9 @@ def build_net(preset: str, device: torch.device) -> UNet:
     return UNet(cfg).to(device).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = _common.setup(args)
     torch.manual_seed(args.seed)
     net = build_net(args.preset, device)
     cfg = net.cfg
@@ -120,16 +111,16 @@ def main() -> None:
             for name in names:
                 for _ in range(args.warmup):
                     fns[name]()
-            sync(device)
+            _common.sync(device)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
                 order = names[r % 3 :] + names[: r % 3]  # rotate: no variant always first
                 for name in order:
-                    sync(device)
+                    _common.sync(device)
                     t0 = time.perf_counter()
                     for _ in range(args.calls):
                         fns[name]()
-                    sync(device)
+                    _common.sync(device)
                     times[name].append((time.perf_counter() - t0) / args.calls)
             med = {n: _common.median(v) for n, v in times.items()}
             per_batch[bs] = {

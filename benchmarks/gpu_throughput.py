@@ -1,12 +1,12 @@
 """Training throughput of the 35.7M ``ddpm_cifar10`` U-Net on one GPU: images/s and % of peak.
 
 One training step does the product's work (``DiffusionModule.training_step`` with the Trainer's
-gradient clipping and an EMA, written out as a plain loop): label dropout, the uniform timestep
-sampler, ``training_losses`` under bf16 autocast, the finite-loss check, backward,
-``clip_grad_norm_(1.0)``, AdamW + the warm-up LambdaLR, and an EMA update
-(``AveragedModel`` with ``get_ema_multi_avg_fn``). The data are one synthetic CIFAR-sized
-batch already on the GPU, so data loading is not measured. The network is conditional
-(10 classes + the null label), as the product trains it on CIFAR-10.
+gradient clipping and an EMA, written out as a plain loop: ``_common.PlainStep``, shared with
+``lightning_overhead.py``): label dropout, the uniform timestep sampler, ``training_losses``
+under bf16 autocast, the finite-loss check, backward, ``clip_grad_norm_(1.0)``, AdamW + the
+warm-up LambdaLR, and an EMA update (``AveragedModel`` with ``get_ema_multi_avg_fn``). The
+data are one synthetic CIFAR-sized batch already on the GPU, so data loading is not measured.
+The network is conditional (10 classes + the null label), as the product trains it on CIFAR-10.
 
 For each batch size (default 128 and 256), an eager and a ``torch.compile``-d copy of the
 network (built from the same seed; compiled in place like ``train.compile=true`` does, with
@@ -26,16 +26,14 @@ full measurement on a CPU instead (slow; for checking the script).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import _common
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_modules.diffusion import GaussianDiffusion, drop_labels, training_losses
-from lightning_modules.diffusion.timesteps import build_timestep_sampler
+from lightning_modules.config import load_config
+from lightning_modules.diffusion import GaussianDiffusion
 from lightning_modules.networks import UNet, unet_preset
 
 GOAL_IMAGES_PER_S = 2000
@@ -48,14 +46,27 @@ PEAK_BF16_TFLOPS = (
     ("A100", 312.0),
 )
 NUM_CLASSES = 10
-# The product's defaults (lightning_modules.config.TrainConfig / DiffusionConfig).
-LR, WARMUP_STEPS, GRAD_CLIP, EMA_DECAY, P_UNCOND = 2e-4, 100, 1.0, 0.999, 0.1
-SCHEDULE, TIMESTEPS = "cosine", 1000
+# The product's defaults (lightning_modules.config.TrainConfig / DiffusionConfig), pinned here so
+# that the figure does not move when a default does.
+SETTINGS = {
+    "train.lr": 2e-4,
+    "train.weight_decay": 0.0,
+    "train.warmup_steps": 100,
+    "train.grad_clip": 1.0,
+    "train.ema_decay": 0.999,
+    "train.p_uncond": 0.1,
+    "diffusion.schedule": "cosine",
+    "diffusion.timesteps": 1000,
+    "diffusion.timestep_sampling": "uniform",
+    "diffusion.prediction": "eps",
+    "diffusion.variance": "fixed_small",
+}
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p = _common.parser(
+        __doc__, device="cuda", device_help="cuda (default) or cpu (full run on a CPU)"
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--rounds", type=int, default=5, help="rounds per variant (alternating)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -63,8 +74,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: default)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (full run on a CPU)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -76,54 +85,22 @@ def peak_for(name: str) -> float | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Trainer:
-    """A network with its optimizer, scheduler and EMA; ``step()`` is one training step."""
-
-    def __init__(self, device: torch.device, seed: int, bf16: bool, compile_: bool, mode=None):
-        torch.manual_seed(seed)
-        self.device = device
-        self.net = UNet(unet_preset("ddpm_cifar10", num_classes=NUM_CLASSES)).to(device).train()
-        self.process = GaussianDiffusion.from_schedule(SCHEDULE, TIMESTEPS)
-        self.sampler = build_timestep_sampler("uniform", TIMESTEPS)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=LR, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS)
-        )
-        self.ema = AveragedModel(
-            self.net, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True
-        )
-        self.bf16 = bf16
-        if compile_:
-            self.net.compile(mode=mode, dynamic=False)  # in place, as train.compile=true does
-
-    def autocast(self):
-        if self.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def forward_backward(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            y = drop_labels(y, P_UNCOND, NUM_CLASSES)
-            t, weight = self.sampler.sample(x0.shape[0], x0.device)
-            terms = training_losses(self.net, self.process, x0, t, torch.randn_like(x0), y)
-            loss = (terms["loss"] * weight).mean()
-        if not torch.isfinite(loss):  # the product's check (a device sync every step)
-            raise FloatingPointError(f"non-finite training loss {loss.item()}")
-        loss.backward()
-        return loss
-
-    def step(self, x0: torch.Tensor, y: torch.Tensor) -> None:
-        self.forward_backward(x0, y)
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
-        self.opt.step()
-        self.sched.step()
-        self.ema.update_parameters(self.net)
+def make_step(
+    device: torch.device, seed: int, bf16: bool, compile_: bool, mode=None
+) -> _common.PlainStep:
+    """The network (from ``seed``) with its optimizer, scheduler and EMA; ``.step(x0, y)`` is one
+    training step."""
+    precision = "bf16-mixed" if bf16 else "32-true"
+    cfg = load_config(
+        None, [f"{k}={v}" for k, v in SETTINGS.items()] + [f"train.precision={precision}"]
+    )
+    torch.manual_seed(seed)
+    net = UNet(unet_preset("ddpm_cifar10", num_classes=NUM_CLASSES)).to(device).train()
+    process = GaussianDiffusion.from_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    loop = _common.PlainStep(net, process, cfg, device)
+    if compile_:
+        net.compile(mode=mode, dynamic=False)  # in place, as train.compile=true does
+    return loop
 
 
 def synthetic_batch(batch_size: int, device: torch.device, seed: int):
@@ -133,41 +110,41 @@ def synthetic_batch(batch_size: int, device: torch.device, seed: int):
     return x0.to(device), y.to(device)
 
 
-def count_flops(trainer: Trainer, x0: torch.Tensor, y: torch.Tensor) -> int:
+def count_flops(loop: _common.PlainStep, x0: torch.Tensor, y: torch.Tensor) -> int:
     """FLOPs of one forward + backward (FlopCounterMode: matmul, conv, attention)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.forward_backward(x0, y)
-    trainer.opt.zero_grad(set_to_none=True)
+        loop.forward_backward(x0, y)
+    loop.opt.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
 
-def timed_round(trainer: Trainer, x0, y, steps: int) -> float:
+def timed_round(loop: _common.PlainStep, x0, y, steps: int) -> float:
     """Seconds per step over ``steps`` consecutive steps."""
-    sync(trainer.device)
+    _common.sync(loop.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.step(x0, y)
-    sync(trainer.device)
+        loop.step(x0, y)
+    _common.sync(loop.device)
     return (time.perf_counter() - t0) / steps
 
 
 def smoke(args: argparse.Namespace) -> dict:
     """No CUDA: two fp32 steps at batch 2 on the CPU, and the FLOP count, to exercise the code."""
     device = torch.device("cpu")
-    trainer = Trainer(device, args.seed, bf16=False, compile_=False)
+    loop = make_step(device, args.seed, bf16=False, compile_=False)
     x0, y = synthetic_batch(2, device, args.seed)
-    flops = count_flops(trainer, x0, y)
+    flops = count_flops(loop, x0, y)
     t0 = time.perf_counter()
     for _ in range(2):
-        trainer.step(x0, y)
+        loop.step(x0, y)
     return {
         "batch_size": 2,
         "steps": 2,
         "precision": "fp32",
         "s_per_step": (time.perf_counter() - t0) / 2,
         "train_gflops_per_image": flops / 2 / 1e9,
-        "parameters": sum(p.numel() for p in trainer.net.parameters()),
+        "parameters": sum(p.numel() for p in loop.net.parameters()),
     }
 
 
@@ -180,23 +157,23 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     for bs in args.batch_sizes:
         x0, y = synthetic_batch(bs, device, args.seed)
         try:
-            trainers = {
-                v: Trainer(device, args.seed, bf16, v == "compile", args.compile_mode)
+            loops = {
+                v: make_step(device, args.seed, bf16, v == "compile", args.compile_mode)
                 for v in variants
             }
-            flops = count_flops(trainers["eager"], x0, y)
+            flops = count_flops(loops["eager"], x0, y)
             entry: dict = {"flops_per_step": flops, "train_gflops_per_image": flops / bs / 1e9}
-            for v, trainer in trainers.items():
+            for v, loop in loops.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
+                _common.sync(device)
                 t0 = time.perf_counter()
-                trainer.step(x0, y)  # compiles the compiled variant
-                sync(device)
+                loop.step(x0, y)  # compiles the compiled variant
+                _common.sync(device)
                 entry.setdefault("first_step_s", {})[v] = time.perf_counter() - t0
                 for _ in range(args.warmup - 1):
-                    trainer.step(x0, y)
-                sync(device)
+                    loop.step(x0, y)
+                _common.sync(device)
                 if device.type == "cuda":
                     mem = torch.cuda.max_memory_allocated(device) / 2**30
                     entry.setdefault("peak_memory_gib", {})[v] = mem
@@ -204,13 +181,13 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
             for r in range(args.rounds):
                 order = variants if r % 2 == 0 else variants[::-1]
                 for v in order:
-                    rounds[v].append(timed_round(trainers[v], x0, y, args.steps))
+                    rounds[v].append(timed_round(loops[v], x0, y, args.steps))
         except torch.cuda.OutOfMemoryError as err:
             print(f"batch {bs}: out of memory ({err})", flush=True)
             per_batch[str(bs)] = {"error": "out of memory"}
             continue
         finally:
-            trainers = None
+            loops = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         for v in variants:
@@ -302,8 +279,7 @@ def print_results(res: dict, device_name: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = _common.setup(args)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
             "gpu_throughput: no CUDA device here; skipping the measurement (it needs a GPU). "

@@ -3,8 +3,9 @@
 Both variants do the same work per step: one batch from the same datamodule's DataLoader (the
 same in-memory tensors, batch size and epoch structure), label dropout, the timestep sampler,
 ``training_losses``, the finite-loss check, backward, gradient-norm clipping, AdamW + the warm-up
-LambdaLR, and an EMA update with ``torch.optim.swa_utils.AveragedModel``. The two networks are
-built from the same config and seed (identical initial weights).
+LambdaLR, and an EMA update with ``torch.optim.swa_utils.AveragedModel`` (the plain side is
+``_common.PlainStep``, shared with ``gpu_throughput.py``). The two networks are built from the
+same config and seed (identical initial weights).
 
 The Lightning side replicates ``lightning_modules.train.build_trainer`` (it cannot be called as
 is: it always adds a ``ModelCheckpoint``, which ``enable_checkpointing=False`` refuses) and checks
@@ -12,9 +13,9 @@ the replicated settings against a trainer that ``build_trainer`` builds: the sam
 clipping, precision, EMA ``WeightAveraging`` callback and logging interval; logger,
 checkpointing, progress bar, model summary, sanity check and validation off.
 
-A Lightning step is timed from one ``on_train_batch_start`` to the next, so it includes the batch
-fetch and every hook; Trainer start-up (``fit`` to the first batch) is reported separately. Two
-ways to alternate the variants (``--mode``):
+A Lightning step is timed from one ``on_train_batch_start`` to the next (``_common.StepTimer``),
+so it includes the batch fetch and every hook; Trainer start-up (``fit`` to the first batch) is
+reported separately. Two ways to alternate the variants (``--mode``):
 
 * ``steps`` (default on a CPU): one ``fit``; a callback runs one plain step at every
   ``on_train_batch_start``, outside the Lightning step's timed interval (L P L P ...), so noise
@@ -33,7 +34,6 @@ same for the plain loop (goal <= 1.03).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import logging
@@ -47,12 +47,9 @@ import _common
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_modules.config import load_config
-from lightning_modules.diffusion import drop_labels, training_losses
-from lightning_modules.diffusion.timesteps import build_timestep_sampler
-from lightning_modules.module import DiffusionModule, NonFiniteLossError
+from lightning_modules.module import DiffusionModule
 from lightning_modules.train import build_callbacks, build_experiment, build_trainer, precision_for
 
 GOAL = 1.03
@@ -60,8 +57,7 @@ DEFAULTS = {"steps": {"rounds": 8, "steps": 10}, "rounds": {"rounds": 3, "steps"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p = _common.parser(__doc__)
     p.add_argument("--dataset", default="digits", help="data.name (default: digits)")
     p.add_argument("--preset", default="digits", help="U-Net preset (default: digits)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -75,7 +71,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds per variant (default: 8 steps / 3 rounds)")
     p.add_argument("--steps", type=int, help="timed steps per round (default: 10 / 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (per round/fit)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
@@ -106,147 +101,79 @@ def make_config(args: argparse.Namespace):
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -- plain PyTorch ----------------------------------------------------------------------------
 class PlainLoop:
-    """The work of ``DiffusionModule.training_step`` + the Trainer + the EMA callback, by hand."""
+    """``_common.PlainStep`` fed from the datamodule's DataLoader, as the Trainer feeds a step."""
 
     def __init__(self, module: DiffusionModule, datamodule, cfg, device: torch.device) -> None:
-        t = cfg.train
-        self.cfg, self.module, self.device = cfg, module.to(device), device
-        self.net, self.process = module.net, module.process
-        self.net.train()
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        warmup = max(1, t.warmup_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        self.ema = (
-            AveragedModel(
-                self.net, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
-            )
-            if t.ema_decay > 0
-            else None
-        )
-        self.sampler = build_timestep_sampler(
-            cfg.diffusion.timestep_sampling, self.process.num_timesteps
-        )
-        precision = precision_for(cfg)
-        if precision == "bf16-mixed":
-            self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-        elif precision == "32-true":
-            self.autocast = contextlib.nullcontext
-        else:
-            raise NotImplementedError(f"plain loop: precision {precision!r}")
+        self.device = device
+        module.to(device)
+        self.plain = _common.PlainStep(module.net, module.process, cfg, device)
         self.loader = datamodule.train_dataloader()
         self.batches = iter(self.loader)
 
     def step(self) -> None:
-        t, module = self.cfg.train, self.module
         try:
             x0, y = next(self.batches)
         except StopIteration:  # a new epoch, as Lightning does
             self.batches = iter(self.loader)
             x0, y = next(self.batches)
         x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        self.opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            y = (
-                drop_labels(y, t.p_uncond, module.null_label)
-                if module.null_label is not None
-                else None
-            )
-            ts, weight = self.sampler.sample(x0.shape[0], x0.device)
-            terms = training_losses(
-                self.net,
-                self.process,
-                x0,
-                ts,
-                torch.randn_like(x0),
-                y,
-                prediction=self.cfg.diffusion.prediction,
-                variance=module.variance,
-                lambda_vlb=self.cfg.diffusion.lambda_vlb,
-            )
-            self.sampler.update(ts, terms["loss"])
-            loss = (terms["loss"] * weight).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss {loss.item()}")
-        loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
+        self.plain.step(x0, y)
 
 
 def plain_round(loop: PlainLoop, warmup: int, steps: int) -> list[float]:
     stamps = []
     for i in range(warmup + steps):
         if i == warmup:
-            sync(loop.device)
+            _common.sync(loop.device)
         stamps.append(time.perf_counter())
         loop.step()
-    sync(loop.device)
+    _common.sync(loop.device)
     stamps.append(time.perf_counter())
     return [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
 
 
 # -- Lightning --------------------------------------------------------------------------------
-class StepClock(pl.Callback):
-    """Times Lightning steps from one ``on_train_batch_start`` to the next.
-
-    With ``plain``, runs one plain step at every batch start after the first, outside the timed
-    Lightning intervals. ``profilers`` = (lightning, plain) cProfile objects, enabled from step
-    ``profile_steps[0]`` to ``profile_steps[1] - 1``, each only while its variant runs.
+class StepClock(_common.StepTimer):
+    """``_common.StepTimer`` over the Lightning steps, which with ``plain`` also runs one plain
+    step between every two Lightning steps (outside their timed intervals; synchronised at every
+    step start). ``profilers`` = (lightning, plain) cProfile objects, each enabled only while its
+    variant runs, over the timed window (steps ``warmup`` .. ``warmup + steps - 1``).
     """
 
     def __init__(
         self,
-        device: torch.device,
+        warmup: int,
+        steps: int,
         plain: PlainLoop | None = None,
         profilers: tuple[cProfile.Profile, cProfile.Profile] | None = None,
-        profile_steps: tuple[int, int] = (0, 0),
-        sync_at: tuple[int, ...] = (),
     ) -> None:
-        self.device, self.plain = device, plain
-        self.profilers, self.profile_steps = profilers, profile_steps
-        self.sync_at = sync_at
-        self.starts: list[float] = []  # the start of each Lightning step
-        self.lightning: list[float] = []  # step k's duration, known at step k + 1's start
+        super().__init__(warmup, steps, sync_every=plain is not None)
+        self.plain, self.profilers = plain, profilers
         self.plain_steps: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        k = len(self.starts)
-        first, stop = self.profile_steps  # profile steps first .. stop-1 of each variant
-        profiling = self.profilers is not None and first < k <= stop
-        if profiling:
+        k, first, stop = len(self.starts), self.warmup, self.warmup + self.steps
+        if self.profilers is not None and first < k <= stop:
             self.profilers[0].disable()
-        if self.plain is not None:
-            sync(self.device)
-        if k in self.sync_at:
-            sync(self.device)
-        now = time.perf_counter()
-        if k:
-            self.lightning.append(now - self.starts[-1])
-        if self.plain is not None and k:
-            if profiling:
-                self.profilers[1].enable()
-            self.plain.step()
-            sync(self.device)
-            after = time.perf_counter()
-            if profiling:
-                self.profilers[1].disable()
-            self.plain_steps.append(after - now)
-            now = after
-        self.starts.append(now)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.profilers is not None and first <= k < stop:
             self.profilers[0].enable()
+
+    def between_steps(self, k: int, now: float) -> float:
+        if self.plain is None or not k:
+            return now
+        profiling = self.profilers is not None and self.warmup < k <= self.warmup + self.steps
+        if profiling:
+            self.profilers[1].enable()
+        self.plain.step()
+        _common.sync(self.plain.device)
+        after = time.perf_counter()
+        if profiling:
+            self.profilers[1].disable()
+        self.plain_steps.append(after - now)
+        return after
 
 
 def trainer_kwargs(cfg, root_dir: Path) -> dict:
@@ -290,10 +217,10 @@ def trainer_summary(trainer: pl.Trainer) -> dict:
     }
 
 
-def make_trainer(cfg, root_dir: Path, max_steps: int, clock: StepClock) -> pl.Trainer:
+def make_trainer(cfg, root_dir: Path, clock: StepClock) -> pl.Trainer:
     kwargs = trainer_kwargs(cfg, root_dir)
     kwargs["callbacks"] = [clock, *kwargs["callbacks"]]
-    trainer = pl.Trainer(max_steps=max_steps, **kwargs)
+    trainer = pl.Trainer(max_steps=clock.fit_steps, **kwargs)
     want = trainer_summary(build_trainer(cfg, root_dir / "product"))
     got = trainer_summary(trainer)
     if got != want:
@@ -312,10 +239,10 @@ def run_steps_mode(args, cfg, root, lit_module, plain_module, datamodule, device
     """One fit; a plain step between every two Lightning steps."""
     plain = PlainLoop(plain_module, datamodule, cfg, device)
     n = args.rounds * args.steps
-    clock = StepClock(device, plain=plain)
-    trainer = make_trainer(cfg, root / "fit", args.warmup + n + 1, clock)
+    clock = StepClock(args.warmup, n, plain=plain)
+    trainer = make_trainer(cfg, root / "fit", clock)
     info = fit(trainer, lit_module, datamodule, clock)
-    lit, pln = clock.lightning[args.warmup :], clock.plain_steps[args.warmup :]
+    lit, pln = clock.times, clock.plain_steps[args.warmup :]
     assert len(lit) == len(pln) == n, (len(lit), len(pln), n)
     s = args.steps
     return {
@@ -331,10 +258,10 @@ def run_rounds_mode(args, cfg, root, lit_module, plain_module, datamodule, devic
     out = {"lightning_steps": [], "plain_steps": [], "startup_s": []}
     w, s = args.warmup, args.steps
     for r in range(args.rounds):
-        clock = StepClock(device, sync_at=(w, w + s))
-        trainer = make_trainer(cfg, root / f"round{r}", w + s + 1, clock)
+        clock = StepClock(w, s)
+        trainer = make_trainer(cfg, root / f"round{r}", clock)
         info = fit(trainer, lit_module, datamodule, clock)
-        out["lightning_steps"].append(clock.lightning[w : w + s])
+        out["lightning_steps"].append(clock.times)
         out["startup_s"].append(info["startup_s"])
         out["trainer"] = trainer
         plain = PlainLoop(plain_module, datamodule, cfg, device)
@@ -352,9 +279,8 @@ def run_profile(args, cfg, root, lit_module, plain_module, datamodule, device) -
     """cProfile ``--steps`` interleaved steps of each variant (after ``--warmup``)."""
     profilers = (cProfile.Profile(), cProfile.Profile())
     plain = PlainLoop(plain_module, datamodule, cfg, device)
-    window = (args.warmup, args.warmup + args.steps)
-    clock = StepClock(device, plain=plain, profilers=profilers, profile_steps=window)
-    trainer = make_trainer(cfg, root / "profile", args.warmup + args.steps + 1, clock)
+    clock = StepClock(args.warmup, args.steps, plain=plain, profilers=profilers)
+    trainer = make_trainer(cfg, root / "profile", clock)
     fit(trainer, lit_module, datamodule, clock)
     return profile_summary(*profilers, args.steps)
 
@@ -445,7 +371,7 @@ def print_profile(prof: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    device = _common.setup(args)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -459,7 +385,6 @@ def main() -> None:
     for a, b in zip(lit_module.net.state_dict().values(), plain_module.net.state_dict().values()):
         assert torch.equal(a, b), "the two networks must start identical"
     datamodule.setup("fit")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.accelerator == "cpu":
         device = torch.device("cpu")
 

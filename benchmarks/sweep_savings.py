@@ -245,8 +245,8 @@ def main() -> None:
             "seed_init": args.seed_init,
             "order": order,
             "seeds": {
-                "train.seed": planned.base.train.seed,
-                "sample.seed": planned.base.sample.seed,
+                "train.seed": planned.sweep.base.train.seed,
+                "sample.seed": planned.sweep.base.sample.seed,
             },
             "trial_seconds": "sum over trials of Tune's time_total_s less the trial's imports "
             "(the wrapper imports torch/Lightning/MLflow inside the trial; the product's "

@@ -3,7 +3,9 @@
 The same DiffusionModule is trained under a real Trainer with logger=False and with the sweep
 trials' logger (`orchestrator.metric_log.DurableMLFlowLogger`, Lightning's MLflow logger writing
 batched metrics to a sqlite tracking store) in alternating rounds (A B A B ...) of the same
-length; each round times its steady-state steps with a callback (start-up excluded). Key
+length; each round times its steady-state steps with `_common.StepTimer` (start-up excluded;
+a step runs from one `on_train_batch_start` to the next, so it includes the loop's write of the
+logged metrics to the logger, which comes after `on_train_batch_end`). Key
 `tracking_overhead_fraction` = median over rounds of (logged step time / unlogged step time) - 1
 at the product's logging interval (goal <= 0.02); `--every 1` shows the worst case (a write per
 step).
@@ -20,13 +22,12 @@ against the training time between two checkpoints at the product's default
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import _common
 import mlflow
 import pytorch_lightning as pl
 import torch
@@ -34,18 +35,6 @@ import torch
 from lightning_modules.config import TrainConfig, load_config
 from lightning_modules.train import build_experiment, build_trainer
 from orchestrator.metric_log import DurableMLFlowLogger
-
-
-class StepTimer(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self._t = warmup, [], None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._t)
 
 
 class SyncTimer(pl.Callback):
@@ -95,14 +84,13 @@ def sync_cost(cfg, root: Path, uri: str, client, experiment_id: str, validations
 
 
 def one_round(cfg, root: Path, steps: int, warmup: int, logger) -> float:
-    timer = StepTimer(warmup)
-    train(cfg, root, logger, timer, max_steps=warmup + steps, limit_val_batches=0)
+    timer = _common.StepTimer(warmup, steps)
+    train(cfg, root, logger, timer, max_steps=timer.fit_steps, limit_val_batches=0)
     return statistics.mean(timer.times)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p = _common.parser(__doc__)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
@@ -112,11 +100,10 @@ def main() -> None:
         default=None,
         help="log every N steps (default: the product's train.log_every_n_steps)",
     )
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--validations", type=int, default=20, help="checkpoint syncs to time")
     p.add_argument("--override", nargs="*", default=[], help="config key=value overrides")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    device = _common.setup(args)
     overrides = [
         "data.name=gaussian_mixture",
         "network.name=mlp",
@@ -128,6 +115,8 @@ def main() -> None:
     if args.every:
         overrides.append(f"train.log_every_n_steps={args.every}")
     cfg = load_config(None, overrides)
+    if cfg.train.accelerator == "cpu":
+        device = torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -145,6 +134,9 @@ def main() -> None:
     sync_ms = sync_cost(cfg, tmp / "sync", uri, client, experiment_id, args.validations)
     between_checkpoints_ms = TrainConfig.val_every_n_steps * 1000 * statistics.median(logged)
     result = {
+        "benchmark": "tracking_overhead",
+        **_common.environment(device),
+        "mlflow": mlflow.__version__,
         "tracking_overhead_fraction": statistics.median(ratios) - 1,
         "checkpoint_sync_ms": {"median": statistics.median(sync_ms), "max": max(sync_ms)},
         "checkpoint_sync_fraction": statistics.median(sync_ms) / between_checkpoints_ms,
@@ -161,17 +153,15 @@ def main() -> None:
             "overrides": overrides,
             "store": "sqlite",
         },
-        "torch": torch.__version__,
-        "mlflow": mlflow.__version__,
-        "device": "cpu",
     }
     print(
         f"logging every {cfg.train.log_every_n_steps} step(s), sqlite store, "
         f"{args.rounds} alternating rounds x {args.steps} steps"
     )
-    print(f"{'round':>5} {'plain ms':>9} {'logged ms':>10} {'ratio':>7}")
-    for i, (a, b) in enumerate(zip(plain, logged)):
-        print(f"{i:>5} {1000 * a:>9.2f} {1000 * b:>10.2f} {b / a:>7.3f}")
+    _common.print_table(
+        ["round", "plain ms", "logged ms", "ratio"],
+        [[i, 1000 * a, 1000 * b, b / a] for i, (a, b) in enumerate(zip(plain, logged))],
+    )
     goal = "ok" if result["tracking_overhead_fraction"] <= 0.02 else "ABOVE GOAL"
     print(
         f"tracking_overhead_fraction = {result['tracking_overhead_fraction']:+.4f} "
@@ -182,8 +172,7 @@ def main() -> None:
         f"over {len(sync_ms)} validations = {result['checkpoint_sync_fraction']:.2e} of the "
         f"training between two checkpoints (val_every_n_steps={TrainConfig.val_every_n_steps})"
     )
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    _common.write_json(args.out, result)
 
 
 if __name__ == "__main__":
