@@ -110,9 +110,12 @@ def build_experiment(cfg: DictConfig):
 
 
 def precision_for(cfg: DictConfig) -> str:
+    """``train.precision``, or for ``auto``: bf16-mixed when the run trains on a GPU, 32-true
+    otherwise (a run pinned to the CPU on a GPU machine included)."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    on_gpu = torch.cuda.is_available() and cfg.train.accelerator not in ("cpu",)
+    return "bf16-mixed" if on_gpu else "32-true"
 
 
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[pl.Callback]:

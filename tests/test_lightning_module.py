@@ -236,3 +236,16 @@ def test_initial_weights_depend_on_the_config_not_the_process_history():
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = build_experiment(load_config(None, [*FAST, *MIXTURE, "train.seed=4"]))[1]
     assert not all(torch.equal(first[k], v) for k, v in other.net.state_dict().items())
+
+
+def test_auto_precision_is_bf16_only_for_a_run_on_the_gpu(monkeypatch):
+    """On a GPU machine `precision: auto` trains in bf16, unless the run is pinned to the CPU
+    (where bf16 autocast would slow it down and change its numbers)."""
+    from lightning_modules.train import precision_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision_for(load_config(None, [])) == "bf16-mixed"
+    assert precision_for(load_config(None, ["train.accelerator=cpu"])) == "32-true"
+    assert precision_for(load_config(None, ["train.precision=32-true"])) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision_for(load_config(None, [])) == "32-true"
