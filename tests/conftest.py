@@ -1,7 +1,21 @@
 import os
 
+import pytest
 import torch
 
 # The suite runs on small CPU machines next to other processes (Ray workers, MLflow servers);
 # one intra-op thread per process avoids oversubscription, which slows tiny ops by 50x.
 torch.set_num_threads(int(os.environ.get("DDPM_SWEEP_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """MLflow used in-process (Lightning's logger, `mlflow.set_tracking_uri`) exports
+    MLFLOW_TRACKING_URI; a later test's `ddpm-sweep` subprocess would inherit it and record in
+    that test's database instead of its own. Each test leaves the variable as it found it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -44,8 +44,9 @@ class SweepEnv:
 def env():
     ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths
     key, value = "DDPM_SWEEP_FAULT_TEST", secrets.token_hex(8)
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     sweep_env = SweepEnv(
-        {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp, key: value},
+        {**inherited, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp, key: value},
         f"{key}={value}",
     )
     yield sweep_env
