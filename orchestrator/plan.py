@@ -195,23 +195,13 @@ def _representatives(axes: list[Axis]) -> list[dict[str, Any]]:
     return [dict(zip([a.key for a in axes], combo)) for combo in itertools.product(*options)]
 
 
-def _dedupe(values: list) -> list:
-    out = []
-    for v in values:
-        if v not in out:
-            out.append(v)
-    return out
-
-
 def plan_cells(sweep: Sweep) -> list[Cell]:
-    """The sampling cells: every combination of the sampling axes, with the base's lists for
-    guidance, variance and steps where no axis replaces them. Names as in MLflow."""
+    """The sampling cells: every combination of the other sampling axes, times the base's
+    guidance, variance and steps lists (which their axes, if any, have replaced when the sweep
+    was read). Names as in MLflow."""
     lists = {f"sample.{k}" for k in CELL_LISTS}
     grid_axes = [a for a in sweep.sampling_axes if a.key not in lists]
-    list_axes = {a.key: _dedupe(_flat(a.values)) for a in sweep.sampling_axes if a.key in lists}
-    sample = OmegaConf.merge(
-        sweep.base.sample, {k.split(".", 1)[1]: v for k, v in list_axes.items()}
-    )
+    sample = sweep.base.sample
     cells = []
     for combo in itertools.product(*[a.values for a in grid_axes]):
         scalars = dict(zip([a.key for a in grid_axes], combo))
@@ -221,10 +211,6 @@ def plan_cells(sweep: Sweep) -> list[Cell]:
             name = " ".join(["eval", cell_suffix(spec.guidance, spec.variance, spec.steps), *extra])
             cells.append(Cell(spec, name))
     return cells
-
-
-def _flat(values: list) -> list:
-    return [x for v in values for x in (v if isinstance(v, list) else [v])]
 
 
 def _nested(params: dict[str, Any]) -> dict:
@@ -243,9 +229,8 @@ def resolve(sweep: Sweep, params: dict[str, Any], cells: list[Cell]) -> DictConf
     """The run config of one training: the base, its training params, and the plan's sampling
     values as the `sample` lists (what a checkpoint offers `ddpm-sweep sample` by default).
     Merged as structured values, never through strings."""
-    lists = {k: _dedupe([getattr(c.spec, k) for c in cells]) for k in CELL_LISTS}
-    merged = OmegaConf.merge(sweep.base, _nested(params), {"sample": lists})
-    return merged
+    lists = {k: list(dict.fromkeys(getattr(c.spec, k) for c in cells)) for k in CELL_LISTS}
+    return OmegaConf.merge(sweep.base, _nested(params), {"sample": lists})
 
 
 def _axis_key(sweep: Sweep, params: dict[str, Any], key: str | None) -> str | None:
@@ -316,7 +301,7 @@ def _check_sampling_axes(sweep: Sweep) -> None:
     """Each value of each sampling axis, on its own, as the `sample` section would take it."""
     for axis in sweep.sampling_axes:
         field_name = axis.key.split(".", 1)[1]
-        values = _flat(axis.values) if field_name in CELL_LISTS else axis.values
+        values = axis.flat_values() if field_name in CELL_LISTS else axis.values
         for i, value in enumerate(values):
             one = [value] if field_name in CELL_LISTS else value
             located = f"search.{axis.key}[{i}]"
@@ -343,7 +328,7 @@ def _cell_key(sweep: Sweep, cell: Cell, key: str) -> str:
     value = getattr(cell.spec, key)
     for axis in sweep.sampling_axes:
         if axis.key == f"sample.{key}":
-            values = _flat(axis.values) if key in CELL_LISTS else axis.values
+            values = axis.flat_values() if key in CELL_LISTS else axis.values
             index = next((i for i, v in enumerate(values) if v == value), None)
             return f"search.{axis.key}" + (f"[{index}]" if index is not None else "")
     base = sweep.base.sample[key]

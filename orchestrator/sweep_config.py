@@ -100,6 +100,11 @@ class Axis:
     def sampling_time(self) -> bool:
         return is_sampling_time(self.key)
 
+    def flat_values(self) -> list:
+        """The values, a list value spread out (`sample.guidance: [[0, 1], 3]` is 0, 1, 3):
+        what a cell list (guidance, variance, steps) takes, positions as in the file."""
+        return [x for v in self.values for x in (v if isinstance(v, list) else [v])]
+
 
 @dataclass
 class Sweep:
@@ -335,8 +340,8 @@ def _parse(source: Source) -> Sweep:
         }
     base = load_config(raw_base or None, where=where, prefix="base")
     for k, axis in replaced.items():
-        values = [x for v in axis.values for x in (v if isinstance(v, list) else [v])]
-        OmegaConf.update(base, f"sample.{k}", list(dict.fromkeys(values)), merge=False)
+        # The cells' lists: the axis values, once each (the plan builds its cells from them).
+        OmegaConf.update(base, f"sample.{k}", list(dict.fromkeys(axis.flat_values())), merge=False)
     try:
         tune = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(TuneSettings), raw.get("tune") or {})
