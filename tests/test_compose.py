@@ -1,8 +1,10 @@
 """The cluster deployment: docker-compose.yml, its overrides in docker/, the Dockerfile and
 .env.example. Static checks of what they promise (nothing reachable beyond 127.0.0.1, no default
 secrets, Ray token auth, one shared storage path, GPU workers that scale, commands the image can
-run). Every check also runs on a copy broken the way it guards against, so a check that could no
-longer fail would be caught too. `docker compose config` runs where the compose plugin exists."""
+run, a torch build for a stated driver range, a C compiler for torch.compile, one classifier cache
+for the cluster). Every check also runs on a copy broken the way it guards against, so a check
+that could no longer fail would be caught too. `docker compose config` runs where the compose
+plugin exists."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,12 @@ DOCKERFILE = ROOT / "Dockerfile"
 LOOPBACK = "127.0.0.1"
 SHARED_STORAGE = "/shared/ddpm_sweep_runs"  # the --storage-path the README's sweep command uses
 PROJECT_IMAGE_SERVICES = ("mlflow", "ray-head", "ray-worker")
+RAY_SERVICES = ("ray-head", "ray-worker")
+CACHE_VAR = "DDPM_SWEEP_CACHE"  # lightning_modules.evaluation.classifier.CACHE_ENV_VAR
+PYTORCH_INDEX = "https://download.pytorch.org/whl/"
+# NVIDIA's minimum Linux driver per CUDA major version (CUDA minor version compatibility): the
+# Dockerfile states these, and its default torch build must be a CUDA 12 one.
+DRIVER_MINIMUM = {"12": "525.60.13", "13": "580"}
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET")
 # On python:3.11-slim besides what pip installs.
 BASE_IMAGE_EXECUTABLES = {"python", "python3", "pip", "sh", "bash"}
@@ -352,19 +361,50 @@ def build_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
     return args
 
 
-def expand(command: str, args: dict[str, str]) -> str:
-    """The shell expansions the Dockerfile's RUN lines use, with the build args' defaults."""
-    command = re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m[2] if args.get(m[1]) else "", command)
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], ""), command)
+_INNERMOST = re.compile(r"\$\{(\w+)(?:(:[-+])([^${}]*))?\}")
 
 
-def pip_installs(instructions: list[tuple[str, str]]) -> list[tuple[int, str, list[str]]]:
+def expand(command: str, variables: dict[str, str]) -> str:
+    """The expansions the Dockerfile uses (`$V`, `${V}`, `${V:-word}`, `${V:+word}`, nested)."""
+
+    def substitute(m: re.Match) -> str:
+        value = variables.get(m[1], "")
+        if m[2] == ":-":
+            return value or m[3]
+        if m[2] == ":+":
+            return m[3] if value else ""
+        return value
+
+    while (expanded := _INNERMOST.sub(substitute, command)) != command:
+        command = expanded
+    return re.sub(r"\$(\w+)", lambda m: variables.get(m[1], ""), command)
+
+
+def image_variables(
+    instructions: list[tuple[str, str]], overrides: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The build args (their defaults, or `--build-arg` `overrides`) and the ENV values."""
+    variables: dict[str, str] = {}
+    for instr, rest in instructions:
+        if instr == "ARG":
+            name, _, default = rest.partition("=")
+            variables[name] = (overrides or {}).get(name, default.strip('"'))
+        elif instr in ("ENV", "LABEL"):
+            for word in shlex.split(rest):
+                name, _, value = word.partition("=")
+                variables[f"LABEL {name}" if instr == "LABEL" else name] = expand(value, variables)
+    return variables
+
+
+def pip_installs(
+    instructions: list[tuple[str, str]], overrides: dict[str, str] | None = None
+) -> list[tuple[int, str, list[str]]]:
     """(instruction index, the whole RUN, the `pip install` arguments) per pip install."""
-    args, out = build_args(instructions), []
+    variables, out = image_variables(instructions, overrides), []
     for i, (instr, rest) in enumerate(instructions):
         if instr != "RUN":
             continue
-        for step in expand(rest, args).split("&&"):
+        for step in expand(rest, variables).split("&&"):
             words = shlex.split(step)
             if words[:2] == ["pip", "install"]:
                 out.append((i, rest, words[2:]))
@@ -454,6 +494,125 @@ def executable_problems(config: dict, dockerfile_text: str) -> list[str]:
         for where, argv in commands.items()
         if not argv or argv[0] not in available
     ]
+
+
+def torch_index(instructions: list[tuple[str, str]], overrides: dict[str, str]) -> str | None:
+    """The index torch is installed from with these build args (None: PyPI); "" if it is not."""
+    for _, _, words in pip_installs(instructions, overrides):
+        if any(w.startswith("torch==") for w in words):
+            for flag, value in zip(words, [*words[1:], None]):
+                if flag in ("-i", "--index-url"):
+                    return value
+                if flag.startswith("--index-url="):
+                    return flag.partition("=")[2]
+            return None
+    return ""
+
+
+def torch_build_problems(text: str) -> list[str]:
+    """The torch build is a build arg (TORCH_CUDA, a CUDA 12 one by default) that TORCH_INDEX_URL
+    overrides, the image records it (ENV, LABEL), and the driver each CUDA line needs is stated."""
+    instructions = dockerfile(text)
+    args = build_args(instructions)
+    missing = sorted({"TORCH_CUDA", "TORCH_SPEC", "TORCH_INDEX_URL"} - args.keys())
+    if missing:
+        return [f"Dockerfile: no build arg {name}" for name in missing]
+    problems = []
+    if not re.fullmatch(r"cu12\d", args["TORCH_CUDA"]):
+        problems.append(
+            f"Dockerfile: TORCH_CUDA={args['TORCH_CUDA']}, not a CUDA 12 build "
+            f"(those run on drivers >= {DRIVER_MINIMUM['12']})"
+        )
+    mirror = "https://mirror.example/simple"
+    cases = [
+        ({}, PYTORCH_INDEX + args["TORCH_CUDA"]),
+        ({"TORCH_CUDA": "cu126"}, PYTORCH_INDEX + "cu126"),
+        ({"TORCH_CUDA": "cpu"}, PYTORCH_INDEX + "cpu"),
+        ({"TORCH_INDEX_URL": mirror}, mirror),
+    ]
+    for overrides, expected in cases:
+        given = " ".join(f"{k}={v}" for k, v in overrides.items()) or "the defaults"
+        index = torch_index(instructions, overrides)
+        if index != expected:
+            source = "PyPI" if index is None else index or "no pip install of torch=="
+            problems.append(f"Dockerfile: with {given}, torch comes from {source}")
+        recorded = image_variables(instructions, overrides)
+        for name in ("DDPM_SWEEP_TORCH_INDEX_URL", "LABEL ddpm-sweep.torch-index-url"):
+            if recorded.get(name) != expected:
+                problems.append(f"Dockerfile: with {given}, {name} is {recorded.get(name)!r}")
+        for name in ("DDPM_SWEEP_TORCH_CUDA", "LABEL ddpm-sweep.torch-cuda"):
+            if recorded.get(name) != recorded["TORCH_CUDA"]:
+                problems.append(f"Dockerfile: with {given}, {name} is {recorded.get(name)!r}")
+    spec = "torch==2.4.1"
+    if not any(spec in words for _, _, words in pip_installs(instructions, {"TORCH_SPEC": spec})):
+        problems.append("Dockerfile: the torch install ignores TORCH_SPEC")
+    for major, minimum in DRIVER_MINIMUM.items():
+        if f"(CUDA {major}.x): >= {minimum}" not in text:
+            problems.append(f"Dockerfile: no comment `(CUDA {major}.x): >= {minimum}` (driver)")
+    return problems
+
+
+def c_compiler_problems(text: str) -> list[str]:
+    """gcc and libc6-dev (Triton compiles with them at run time), installed as root, lean."""
+    instructions = dockerfile(text)
+    users = [i for i, (instr, _) in enumerate(instructions) if instr == "USER"]
+    for i, (instr, rest) in enumerate(instructions):
+        steps = [shlex.split(step) for step in rest.split("&&")] if instr == "RUN" else []
+        install = next((s for s in steps if s[:2] == ["apt-get", "install"]), None)
+        if install is None or not {"gcc", "libc6-dev"} <= set(install):
+            continue
+        problems = []
+        if ["apt-get", "update"] not in steps:
+            problems.append("Dockerfile: apt-get install without apt-get update in the same RUN")
+        if "--no-install-recommends" not in install or not {"-y", "--yes"} & set(install):
+            problems.append("Dockerfile: apt-get install without -y --no-install-recommends")
+        if ["rm", "-rf", "/var/lib/apt/lists/*"] not in steps:
+            problems.append(
+                "Dockerfile: the apt lists stay in the layer (rm -rf /var/lib/apt/lists/*)"
+            )
+        if users and users[0] < i:
+            problems.append("Dockerfile: apt-get install runs after USER (not as root)")
+        return problems
+    return ["Dockerfile: no C compiler (apt-get install gcc libc6-dev) for torch.compile"]
+
+
+def cache_problems(config: dict) -> list[str]:
+    """Every Ray service has DDPM_SWEEP_CACHE at one path of one named volume they all mount, not
+    at a name a sweep's directory could take."""
+    from orchestrator.sweep_config import NAME_PATTERN
+
+    problems, where = [], set()
+    for name in RAY_SERVICES:
+        svc = services(config)[name]
+        path = (svc.get("environment") or {}).get(CACHE_VAR)
+        if not path or not path.startswith("/"):
+            problems.append(f"{name}: {CACHE_VAR}={path!r} is not an absolute path")
+            continue
+        volume, target = next(
+            (
+                (s, t)
+                for s, t in mounts(svc)
+                if is_named_volume(s) and (path + "/").startswith(t + "/")
+            ),
+            (None, None),
+        )
+        if volume is None:
+            problems.append(
+                f"{name}: {CACHE_VAR}={path} is not on a named volume (one per container)"
+            )
+            continue
+        where.add((volume, path))
+        if target == SHARED_STORAGE:
+            first = path[len(SHARED_STORAGE) + 1 :].split("/")[0]
+            if not first or NAME_PATTERN.fullmatch(first):
+                problems.append(
+                    f"{name}: {CACHE_VAR}={path} is where a sweep named {first!r} lives"
+                )
+    if len(where) > 1:
+        problems.append(
+            f"Ray services keep the classifier cache in different places: {sorted(where)}"
+        )
+    return problems
 
 
 # --- the tests -----------------------------------------------------------------------------
@@ -608,6 +767,81 @@ def test_dockerfile():
     assert dockerfile_problems(text.replace("ray[default,client,tune]", "ray[tune]"), pyproject)
     assert dockerfile_problems(text.replace("python:3.11-slim", "python:3.12"), pyproject)
     assert dockerfile_problems(text.replace('TORCH_SPEC="torch==2.13.0"', "TORCH_SPEC"), pyproject)
+
+
+def test_torch_build_is_a_build_arg_for_a_stated_driver_range():
+    text = DOCKERFILE.read_text()
+    assert torch_build_problems(text) == []
+    assert torch_build_problems(re.sub(r"ARG TORCH_CUDA=\S+", "ARG TORCH_CUDA=cu130", text))
+    assert torch_build_problems(re.sub(r"ARG TORCH_CUDA=\S+", "ENV TORCH_CUDA=cu128", text))
+    assert torch_build_problems(text.replace("--index-url ", "--extra-index-url "))
+    effective = "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_CUDA}}"
+    assert torch_build_problems(text.replace(effective, PYTORCH_INDEX + "cu128"))
+    assert torch_build_problems(text.replace(effective, PYTORCH_INDEX + "${TORCH_CUDA}"))
+    assert torch_build_problems(text.replace('"$TORCH_SPEC"', "torch==2.13.0"))
+    assert torch_build_problems(text.replace("ddpm-sweep.torch-cuda=", "torch-cuda="))
+    assert torch_build_problems(text.replace(DRIVER_MINIMUM["12"], "525"))
+    readme = (ROOT / "README.md").read_text()
+    assert "TORCH_CUDA" in readme and DRIVER_MINIMUM["12"] in readme
+
+
+def test_dockerfile_checks_the_torch_build_it_installed(monkeypatch):
+    """The build fails when a .../cpu or .../cuNNN index gave another build (run here against
+    this environment's torch)."""
+    import torch
+
+    runs = [rest for instr, rest in dockerfile(DOCKERFILE.read_text()) if instr == "RUN"]
+    pattern = r"python -c '([^']+)' +\"\$DDPM_SWEEP_TORCH_INDEX_URL\""
+    check = next(m[1] for run in runs if (m := re.search(pattern, run)))
+    cuda = torch.version.cuda
+    installed = "cu" + cuda.replace(".", "") if cuda else "cpu"
+
+    def exit_code(index_url: str):
+        monkeypatch.setattr(sys, "argv", ["-c", index_url])
+        with pytest.raises(SystemExit) as exited:
+            exec(check, {})
+        return exited.value.code
+
+    assert exit_code(PYTORCH_INDEX + installed) is None
+    assert exit_code(PYTORCH_INDEX + installed + "/") is None
+    assert exit_code("https://mirror.example/simple") is None  # not a build name: not checked
+    other = "cu999" if installed == "cpu" else "cpu"
+    assert f"not {other}" in exit_code(PYTORCH_INDEX + other)
+
+
+def test_image_has_a_c_compiler_for_torch_compile():
+    text = DOCKERFILE.read_text()
+    assert c_compiler_problems(text) == []
+    assert c_compiler_problems(text.replace(" libc6-dev", ""))
+    assert c_compiler_problems(text.replace(" --no-install-recommends", ""))
+    assert c_compiler_problems(text.replace(" && rm -rf /var/lib/apt/lists/*", ""))
+    assert c_compiler_problems(text.replace("RUN apt-get update \\\n && ", "RUN "))
+    apt = re.search(r"RUN apt-get update.*?lists/\*\n", text, re.S)[0]
+    assert c_compiler_problems(text.replace(apt, ""))
+    late = text.replace(apt, "").replace("USER ddpm\n", "USER ddpm\n" + apt)
+    assert c_compiler_problems(late) == [
+        "Dockerfile: apt-get install runs after USER (not as root)"
+    ]
+
+
+def test_classifier_cache_is_shared_by_every_ray_node(cluster):
+    from lightning_modules.evaluation.classifier import CACHE_ENV_VAR
+
+    assert CACHE_ENV_VAR == CACHE_VAR
+    assert cache_problems(cluster) == []
+    env = services(cluster)["ray-worker"]["environment"]
+    unset = {k: v for k, v in env.items() if k != CACHE_VAR}
+    assert cache_problems(broken(cluster, "ray-worker", environment=unset))
+    in_home = env | {CACHE_VAR: "/home/ddpm/.cache/ddpm-sweep"}
+    assert cache_problems(broken(cluster, "ray-worker", environment=in_home))
+    assert cache_problems(broken(cluster, "ray-worker", environment=env | {CACHE_VAR: "cache"}))
+    other = ["other-volume:" + SHARED_STORAGE]
+    assert cache_problems(broken(cluster, "ray-worker", volumes=other))
+    sweep_dir = env | {CACHE_VAR: SHARED_STORAGE + "/cache"}
+    both = broken(
+        broken(cluster, "ray-head", environment=sweep_dir), "ray-worker", environment=sweep_dir
+    )
+    assert any("sweep named 'cache'" in p for p in cache_problems(both))
 
 
 def test_commands_are_executables_of_the_image(cluster):
