@@ -75,13 +75,15 @@ class SampleConfig:
     per_class: int = 10  # samples per class in each PNG grid row
     seed: int = 0
     batch_size: int = 512
+    precision: str = "auto"  # the network's precision when sampling: auto (bf16 on GPUs), 32, bf16
 
 
 # The sampling-time keys are the fields of SampleConfig: the SamplingSpec fields (one value each
 # per cell; guidance, variance and steps take lists, a grid evaluated from one checkpoint) and
 # how cells are run and drawn (not what they sample): batch size and grid rows.
 CELL_LISTS = ("guidance", "variance", "steps")
-EXECUTION_KEYS = ("per_class", "batch_size")
+EXECUTION_KEYS = ("per_class", "batch_size", "precision")
+SAMPLE_PRECISIONS = ("auto", "32", "bf16")
 
 
 def sampling_specs(sample_cfg) -> list[SamplingSpec]:
@@ -296,6 +298,8 @@ def validate_sample_config(
     )
     _one_of(where, f"{prefix}.threshold", s.threshold, ["auto", *THRESHOLDS])
     _expect(s.per_class >= 1, where, f"{prefix}.per_class", s.per_class, "an integer >= 1")
+    _expect(s.batch_size >= 1, where, f"{prefix}.batch_size", s.batch_size, "an integer >= 1")
+    _one_of(where, f"{prefix}.precision", s.precision, SAMPLE_PRECISIONS)
 
 
 def to_yaml(cfg: DictConfig) -> str:

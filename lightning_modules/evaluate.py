@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .config import sampling_specs
-from .diffusion import SamplingSpec
+from .diffusion import SamplingSpec, batch_key
 from .evaluation import (
+    RealReference,
     evaluate_images,
     evaluate_points,
     grid_filename,
@@ -28,6 +29,7 @@ from .evaluation import (
     save_sample_grid,
 )
 from .module import DiffusionModule
+from .train import trains_on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,21 @@ class EvalContext:
     real_x: torch.Tensor | None = None
     truth: object | None = None
     inception_weights: str | None = None
+    reference: RealReference | None = None  # the real images' side, once the first cell needs it
+
+    def real_reference(self) -> RealReference:
+        """The real images' features and FID statistics, computed on first use and shared by
+        every cell measured in this context."""
+        if self.reference is None:
+            self.reference = RealReference.from_images(self.real_x, self.classifier)
+        return self.reference
 
 
-def prepare_context(datamodule, eval_cfg, with_metrics: bool = True) -> EvalContext:
+def prepare_context(
+    datamodule, eval_cfg, with_metrics: bool = True, device: torch.device | str = "cpu"
+) -> EvalContext:
+    """The context the cells of one model are measured in; the eval classifier runs on `device`
+    (pass :func:`sampling_device`, so that features are computed where samples are drawn)."""
     ctx = EvalContext(datamodule.kind, datamodule.num_classes)
     if not with_metrics:
         return ctx
@@ -59,7 +73,7 @@ def prepare_context(datamodule, eval_cfg, with_metrics: bool = True) -> EvalCont
         datamodule.num_classes,
         eval_cfg.classifier_seed,
         eval_cfg.cache_dir,
-    ).model
+    ).model.to(device)  # trained (or loaded) on the CPU
     ctx.real_x = datamodule.val_tensors()[0]
     ctx.inception_weights = eval_cfg.get("inception_weights")
     return ctx
@@ -83,17 +97,41 @@ def _measure(ctx: EvalContext, x: torch.Tensor, labels: torch.Tensor | None) -> 
     if ctx.kind == "points":
         return evaluate_points(x, labels, ctx.truth)
     return evaluate_images(
-        x, labels, ctx.real_x, ctx.classifier, inception_weights_path=ctx.inception_weights
+        x,
+        labels,
+        ctx.real_x,
+        ctx.classifier,
+        inception_weights_path=ctx.inception_weights,
+        reference=ctx.real_reference(),
     )
 
 
 def sampling_device(cfg) -> torch.device:
-    """Where to sample: the GPU when there is one (unless the run was pinned to the CPU).
-    Lightning hands a fitted module back on the CPU, so evaluation after training must move it
-    back, or a GPU trial would sample on its CPU."""
-    if torch.cuda.is_available() and cfg.train.get("accelerator", "auto") not in ("cpu",):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """Where to sample: the GPU when the run trains on one (:func:`trains_on_gpu`). Lightning
+    hands a fitted module back on the CPU, so evaluation after training must move it back, or a
+    GPU trial would sample on its CPU."""
+    return torch.device("cuda") if trains_on_gpu(cfg) else torch.device("cpu")
+
+
+def guidance_groups(
+    specs: list[SamplingSpec], device: torch.device | str, num_samples: int, batch_size: int
+) -> list[list[SamplingSpec]]:
+    """The cells to draw together (:meth:`DiffusionModule.sample_many`): on a GPU, cells that
+    differ only in guidance weight share a batch as long as the samples of one pass stay
+    within ``batch_size`` (a small per-cell batch leaves the GPU idle; benchmarks/cfg_batching.py
+    measures it); on the CPU, which is busy at any batch, each cell alone. Order is kept."""
+    per_pass = min(num_samples, batch_size)
+    fit = batch_size // max(1, per_pass)
+    if torch.device(device).type != "cuda" or fit < 2:
+        return [[spec] for spec in specs]
+    groups: list[list[SamplingSpec]] = []
+    for spec in specs:
+        last = groups[-1] if groups else None
+        if last and len(last) < fit and batch_key(last[0]) == batch_key(spec):
+            last.append(spec)
+        else:
+            groups.append([spec])
+    return groups
 
 
 @dataclass
@@ -116,28 +154,48 @@ class EvalResult:
 
 
 def evaluate_cell(
+    module: DiffusionModule, datamodule, spec: SamplingSpec, eval_cfg, out_dir: str | Path, **kw
+) -> EvalResult:
+    """Sample one cell and measure it (see :func:`evaluate_group`)."""
+    return evaluate_group(module, datamodule, [spec], eval_cfg, out_dir, **kw)[0]
+
+
+def evaluate_group(
     module: DiffusionModule,
     datamodule,
-    spec: SamplingSpec,
+    specs: list[SamplingSpec],
     eval_cfg,
     out_dir: str | Path,
     *,
     per_class: int = 10,
     batch_size: int = 512,
+    precision: str = "auto",
     with_metrics: bool = True,
     context: EvalContext | None = None,
-) -> EvalResult:
-    """Sample one cell and measure it. Every cell starts from the same noise and labels (the
-    spec's seed, class-major balanced labels), so cells of one model compare like with like,
-    and a cell evaluated alone gives the same samples as within a grid."""
+) -> list[EvalResult]:
+    """Sample cells that differ only in guidance weight together (one is a group too) and
+    measure each. Every cell starts from the same noise and labels (the spec's seed,
+    class-major balanced labels), so cells of one model compare like with like, and a cell
+    evaluated alone gives the same samples as within a grid or a group. A cell's
+    ``sample_seconds`` is its share of the group's sampling time (the group's time / k)."""
     out_dir = Path(out_dir)
-    module.to(sampling_device(module.cfg))
-    ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
+    device = sampling_device(module.cfg)
+    module.to(device)
+    ctx = context or prepare_context(datamodule, eval_cfg, with_metrics, device=device)
     n = eval_cfg.num_samples if with_metrics else per_class * max(1, ctx.num_classes)
     labels = eval_labels(ctx.num_classes, n, per_class)
     start = time.perf_counter()
-    x = module.sample(labels, spec, num_samples=n, batch_size=batch_size)
-    seconds = time.perf_counter() - start
+    samples = module.sample_many(
+        labels, specs, num_samples=n, batch_size=batch_size, precision=precision
+    )
+    seconds = (time.perf_counter() - start) / len(specs)
+    return [
+        _measure_cell(ctx, datamodule, spec, x, labels, per_class, out_dir, seconds, with_metrics)
+        for spec, x in zip(specs, samples)
+    ]
+
+
+def _measure_cell(ctx, datamodule, spec, x, labels, per_class, out_dir, seconds, with_metrics):
     png = out_dir / grid_filename(spec.guidance, spec.variance, spec.steps)
     if ctx.kind == "points":
         title = f"w={spec.guidance:g} {spec.variance} {spec.steps} steps"
@@ -162,19 +220,23 @@ def evaluate_module(
     with_metrics: bool = True,
     context: EvalContext | None = None,
 ) -> list[EvalResult]:
-    """Every cell of the sample config's lists (:func:`sampling_specs`), in order."""
-    ctx = context or prepare_context(datamodule, eval_cfg, with_metrics)
-    return [
-        evaluate_cell(
+    """Every cell of the sample config's lists (:func:`sampling_specs`), in order, drawn in
+    :func:`guidance_groups`."""
+    device = sampling_device(module.cfg)
+    ctx = context or prepare_context(datamodule, eval_cfg, with_metrics, device=device)
+    n = eval_cfg.num_samples if with_metrics else sample_cfg.per_class * max(1, ctx.num_classes)
+    results: list[EvalResult] = []
+    for group in guidance_groups(sampling_specs(sample_cfg), device, n, sample_cfg.batch_size):
+        results += evaluate_group(
             module,
             datamodule,
-            spec,
+            group,
             eval_cfg,
             out_dir,
             per_class=sample_cfg.per_class,
             batch_size=sample_cfg.batch_size,
+            precision=sample_cfg.precision,
             with_metrics=with_metrics,
             context=ctx,
         )
-        for spec in sampling_specs(sample_cfg)
-    ]
+    return results

@@ -25,7 +25,7 @@ from .diffusion import (
     bits_per_dim,
     drop_labels,
     get_variance,
-    sample,
+    sample_specs,
     training_losses,
 )
 from .diffusion.timesteps import build_timestep_sampler
@@ -57,6 +57,9 @@ class DiffusionModule(pl.LightningModule):
         self.timestep_sampler = build_timestep_sampler(
             cfg.diffusion.timestep_sampling, process.num_timesteps
         )
+        # The first step whose loss was not finite (-1: none yet), kept on the device and read
+        # only every `train.log_every_n_steps` steps and before a validation or checkpoint.
+        self._first_bad_step: torch.Tensor | None = None
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -85,15 +88,40 @@ class DiffusionModule(pl.LightningModule):
         terms = self._losses(x0, y, t, torch.randn_like(x0))
         self.timestep_sampler.update(t, terms["loss"])
         loss = (terms["loss"] * weight).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}"
-            )
+        self._note_finite(loss)
         logs = {"train/loss": loss, "train/mse": terms["mse"].mean()}
         if "vb" in terms:
             logs["train/vb"] = terms["vb"].mean()
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Record (on the device, without waiting for it) the first step with a non-finite loss."""
+        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, self.global_step, self._first_bad_step)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a step since the start had a non-finite loss.
+        Reads one number back from the device: called every `train.log_every_n_steps` steps
+        (where Lightning reads the logged metrics anyway) and before validation, checkpoints
+        and the end of training, so a diverged run never writes a checkpoint."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {int(self._first_bad_step)} "
+                f"(checked at step {self.global_step}): lower train.lr or raise train.grad_clip"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step % max(1, self.cfg.train.log_every_n_steps) == 0:
+            self.check_finite()
+
+    def on_validation_start(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def validation_step(self, batch, batch_idx):
         """L_simple on held-out data with fixed t and noise per batch (comparable across runs and
@@ -131,6 +159,28 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- sampling ---------------------------------------------------------------------------------
+    def sampling_dtype(self, precision: str = "auto") -> torch.dtype:
+        """The network's dtype when sampling: ``precision`` '32', 'bf16', or 'auto' (bf16 on a
+        GPU that supports it, fp32 elsewhere). Only the network runs in it, under autocast;
+        the diffusion math (schedule, posterior, noise) stays in fp32/fp64."""
+        if precision == "auto":
+            cuda = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if cuda else torch.float32
+        if precision not in ("32", "bf16"):
+            raise ValueError(f"sampling precision {precision!r}: expected 'auto', '32' or 'bf16'")
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def _sampling_net(self, dtype: torch.dtype):
+        if dtype == torch.float32:
+            return self.net
+
+        def net(x, t, y):
+            with torch.autocast(self.device.type, dtype=dtype):
+                out = self.net(x, t, y)
+            return out.float()
+
+        return net
+
     @torch.no_grad()
     def sample(
         self,
@@ -139,6 +189,7 @@ class DiffusionModule(pl.LightningModule):
         *,
         num_samples: int | None = None,
         batch_size: int = 512,
+        precision: str = "auto",
     ) -> torch.Tensor:
         """Samples (N, *data_shape) on the CPU, drawn as ``spec`` says, from noise seeded by
         ``spec.seed``: every spec of one model starts from the same noise, so cells compare
@@ -146,11 +197,61 @@ class DiffusionModule(pl.LightningModule):
 
         The variance, guidance weight and steps are sampling-time choices: any trained
         checkpoint can be sampled with all of them (`learned_range` needs a net trained for it).
+        ``precision``: see :meth:`sampling_dtype`.
         """
+        return self.sample_many(
+            labels, [spec], num_samples=num_samples, batch_size=batch_size, precision=precision
+        )[0]
+
+    @torch.no_grad()
+    def sample_many(
+        self,
+        labels: torch.Tensor | None,
+        specs: list[SamplingSpec],
+        *,
+        num_samples: int | None = None,
+        batch_size: int = 512,
+        precision: str = "auto",
+    ) -> list[torch.Tensor]:
+        """:meth:`sample` for several specs that differ only in guidance weight (one cell's
+        weights): drawn together, one forward pass per step over all of them, each from its own
+        seed's noise, so each spec's samples are the samples :meth:`sample` draws for it (up
+        to floating-point reassociation). Each spec's N samples go in chunks of ``batch_size``
+        as they would alone, so one pass holds up to k x batch_size samples (x 2 when guided):
+        whoever groups specs decides whether that fits and pays (see ``evaluate``)."""
         if labels is None and num_samples is None:
             raise ValueError("pass labels (a conditional model) or num_samples (unconditional)")
         if labels is not None and self.null_label is None:
             raise ValueError("this model is unconditional: sample it with labels=None")
+        specs = [self._resolve(spec) for spec in specs]
+        n = labels.shape[0] if labels is not None else num_samples
+        net = self._sampling_net(self.sampling_dtype(precision))
+        was_training = self.net.training
+        self.net.eval()
+        chunks: list[list[torch.Tensor]] = [[] for _ in specs]
+        try:
+            gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in specs]
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                y = None if labels is None else labels[start:stop].to(self.device)
+                xs = sample_specs(
+                    net,
+                    self.process,
+                    (stop - start, *self.data_shape),
+                    specs,
+                    generators=gens,
+                    labels=y,
+                    prediction=self.cfg.diffusion.prediction,
+                    null_label=self.null_label,
+                    device=self.device,
+                )
+                for out, x in zip(chunks, xs):
+                    out.append(x.float().cpu())
+        finally:
+            self.net.train(was_training)
+        return [torch.cat(c) for c in chunks]
+
+    def _resolve(self, spec: SamplingSpec) -> SamplingSpec:
         if get_variance(spec.variance).learned and not self.variance.learned:
             raise ValueError(
                 f"variance {spec.variance!r} needs a network trained with diffusion.variance="
@@ -158,34 +259,12 @@ class DiffusionModule(pl.LightningModule):
             )
         if spec.threshold == "auto":  # images live in [-1, 1]; 2-D points do not
             spec = replace(spec, threshold="clip" if len(self.data_shape) == 3 else "none")
-        n = labels.shape[0] if labels is not None else num_samples
-        was_training = self.net.training
-        self.net.eval()
-        chunks = []
-        try:
-            g = torch.Generator(device=self.device).manual_seed(spec.seed)
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                y = None if labels is None else labels[start:stop].to(self.device)
-                x = sample(
-                    self.net,
-                    self.process,
-                    (stop - start, *self.data_shape),
-                    spec,
-                    labels=y,
-                    prediction=self.cfg.diffusion.prediction,
-                    null_label=self.null_label,
-                    generator=g,
-                    device=self.device,
-                )
-                chunks.append(x.float().cpu())
-        finally:
-            self.net.train(was_training)
-        return torch.cat(chunks)
+        return spec
 
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store everything needed to sample later: config, network config, schedule."""
+        self.check_finite()
         checkpoint[CHECKPOINT_KEY] = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "network": dataclasses.asdict(self.net.cfg),

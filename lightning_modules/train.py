@@ -91,12 +91,23 @@ def check_network(cfg: DictConfig, data=None) -> NetworkConfig:
     return net_cfg
 
 
-def build_experiment(cfg: DictConfig):
+def compile_network(net: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` the network in place (state_dict keys, and checkpoints, stay unchanged).
+
+    One compiled network meets training, validation (eval mode, no grad), the last short batch
+    and sampling batches of several sizes under autocast. After the first change of batch size
+    dynamo compiles a graph with a dynamic batch, so these fit well within its recompile limit;
+    should they not, the run fails rather than falling back to eager without a word."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    net.compile(backend=backend)
+
+
+def build_experiment(cfg: DictConfig, *, compile_backend: str = "inductor"):
     """(datamodule, module) for a validated config. Seeds from ``train.seed`` first, so the
     network's initial weights depend on the config alone, not on what the process ran before
     (a Ray worker reused across trials, a benchmark that trains twice)."""
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, pin_memory=trains_on_gpu(cfg))
     net = build_network(resolve_network_config(cfg, datamodule))
     process = GaussianDiffusion.from_schedule(
         cfg.diffusion.schedule,
@@ -105,8 +116,32 @@ def build_experiment(cfg: DictConfig):
     )
     module = DiffusionModule(net, process, cfg, datamodule.data_shape)
     if cfg.train.compile:
-        module.net.compile()  # in place: state_dict keys (and checkpoints) stay unchanged
+        compile_network(module.net, compile_backend)
     return datamodule, module
+
+
+def trains_on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run trains (and samples) on a GPU: one is visible and the run is not pinned
+    to the CPU (``train.accelerator``)."""
+    return torch.cuda.is_available() and cfg.train.accelerator not in ("cpu",)
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA is not usable in this process (None when it is): the driver's own complaint
+    where torch has one, and which CUDA the installed torch was built for."""
+    if torch.cuda.is_available():
+        return None
+    build = (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else f"torch {torch.__version__} is a CPU-only build"
+    )
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is False"
+    except Exception as err:  # e.g. "The NVIDIA driver on your system is too old (found ...)"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{reason}; {build}"
 
 
 def precision_for(cfg: DictConfig) -> str:
@@ -114,8 +149,30 @@ def precision_for(cfg: DictConfig) -> str:
     otherwise (a run pinned to the CPU on a GPU machine included)."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    on_gpu = torch.cuda.is_available() and cfg.train.accelerator not in ("cpu",)
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if trains_on_gpu(cfg) else "32-true"
+
+
+class EMA(WeightAveraging):
+    """Lightning's weight averaging with torch's EMA over all tensors at once (multi_avg_fn:
+    EMAWeightAveraging updates tensor by tensor, which cost 4-6 ms per step here), kept on the
+    module's device.
+
+    ``WeightAveraging`` builds its averaged copy in ``setup``, before the strategy moves the
+    module to the GPU: left there, the copy stays on the CPU and every step would copy all the
+    weights to the host and average them there. ``on_fit_start`` runs after that move (and
+    after a checkpoint's averaged weights are restored), so the copy follows the module there.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:
+            self._average_model.to(pl_module.device)
+
+    @property
+    def average_model(self) -> torch.nn.Module | None:
+        return self._average_model
 
 
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[pl.Callback]:
@@ -131,9 +188,7 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[pl.Callback]:
         ),
     ]
     if cfg.train.ema_decay > 0:
-        # Lightning's weight averaging with torch's EMA over all tensors at once (multi_avg_fn):
-        # EMAWeightAveraging updates tensor by tensor, which cost 4-6 ms per step here.
-        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay)))
+        callbacks.append(EMA(cfg.train.ema_decay))
     return callbacks
 
 

@@ -22,8 +22,13 @@ import pytorch_lightning as pl
 import torch
 from mlflow.entities import Metric, Param
 
-from lightning_modules.evaluate import evaluate_cell, prepare_context
-from lightning_modules.train import build_experiment, fit
+from lightning_modules.evaluate import (
+    evaluate_group,
+    guidance_groups,
+    prepare_context,
+    sampling_device,
+)
+from lightning_modules.train import build_experiment, cuda_problem, fit
 
 from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
 from .phases import PhaseTimer, TimedClient
@@ -113,6 +118,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    require_cuda_for(ray.get_gpu_ids())
     cfg = ctx.plan.training_for(params).config
     trial = tune.get_context()
     timer = PhaseTimer()
@@ -182,6 +188,23 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     tune.report(final | timer.report() | {"node_id": node_id})
 
 
+def require_cuda_for(gpu_ids: list) -> None:
+    """A trial that Ray gave GPUs must be able to use them. Otherwise Lightning's 'auto'
+    accelerator would pick the CPU and train there, slowly and without a word, while the GPU
+    stays reserved: fail at once instead, before anything is recorded, naming the cause."""
+    if not gpu_ids:
+        return
+    problem = cuda_problem()
+    if problem is not None:
+        raise RuntimeError(
+            f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node "
+            f"{os.uname().nodename} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but CUDA is not usable here: "
+            f"{problem}. Install a torch build this node's driver supports (README, 'Scale "
+            "out': the image's TORCH_CUDA), or set tune.gpus_per_trial = 0 to train on CPUs"
+        )
+
+
 def _earlier_run(client, ctx: TrialContext, trial_id: str) -> str | None:
     """The training run an earlier attempt of this trial opened, if any."""
     runs = client.search_runs(
@@ -218,9 +241,12 @@ def evaluate_cells(
 
     A cell's run is FINISHED only once its metrics and its PNG are in MLflow. A trial resumed
     after some cells finished skips those before sampling them; a cell interrupted half-way (its
-    run not FINISHED) is sampled again into the same run, so no cell is recorded twice.
+    run not FINISHED) is sampled again into the same run, so no cell is recorded twice. Cells
+    left to do are drawn in :func:`guidance_groups` (together, on a GPU, when they differ only
+    in guidance weight).
     """
-    eval_ctx = prepare_context(result.datamodule, cfg.eval)
+    device = sampling_device(cfg)
+    eval_ctx = prepare_context(result.datamodule, cfg.eval, device=device)
     earlier = {
         r.info.run_name: r
         for r in client.search_runs(
@@ -230,53 +256,68 @@ def evaluate_cells(
             order_by=["attributes.start_time ASC"],
         )
     }
+    done = {
+        c.name for c in cells if c.name in earlier and earlier[c.name].info.status == "FINISHED"
+    }
+    todo = {c.spec: c for c in cells if c.name not in done}
+    measured: dict[str, dict[str, float]] = {
+        name: dict(earlier[name].data.metrics)
+        for name in done  # before an interruption
+    }
+    groups = guidance_groups(list(todo), device, cfg.eval.num_samples, cfg.sample.batch_size)
+    for group in groups:
+        group_cells = [todo[spec] for spec in group]
+        measured |= _evaluate_into_runs(
+            client, ctx, cfg, result, root, train_run_id, eval_ctx, group_cells, earlier
+        )
     summary: dict[str, float] = {}
     for cell in cells:
-        run = earlier.get(cell.name)
-        if run is not None and run.info.status == "FINISHED":
-            metrics = dict(run.data.metrics)  # evaluated before the trial was interrupted
-        else:
-            metrics = _evaluate_into_run(
-                client, ctx, cfg, result, root, train_run_id, eval_ctx, cell, run
-            )
         suffix = cell_suffix(cell.spec.guidance, cell.spec.variance, cell.spec.steps)
-        for k, v in metrics.items():
+        for k, v in measured[cell.name].items():
             summary[f"eval/{k}/{suffix}"] = v
     return summary
 
 
-def _evaluate_into_run(
-    client, ctx, cfg, result, root, train_run_id, eval_ctx, cell: Cell, run
-) -> dict[str, float]:
-    """Sample and measure one cell into its MLflow run: a new one, or the unfinished run of an
-    earlier attempt (whose metrics are not logged twice). FINISHED comes last."""
-    if run is None:
-        tags = {"ddpm_sweep.train_run_id": train_run_id, "ddpm_sweep.pid": str(os.getpid())}
+def _evaluate_into_runs(
+    client, ctx, cfg, result, root, train_run_id, eval_ctx, cells: list[Cell], earlier: dict
+) -> dict[str, dict[str, float]]:
+    """Sample and measure cells drawn together, each into its MLflow run: a new one, or the
+    unfinished run of an earlier attempt (whose metrics are not logged twice). Every run is
+    open before sampling starts, and FINISHED comes last."""
+    runs: list[tuple[str, set[str]]] = []
+    for cell in cells:
+        run = earlier.get(cell.name)
         params = flat_params(cfg) | cell.params()
-        run_id = _create_run(client, ctx, cell.name, "eval", params, tags)
-        have: set[str] = set()
-    else:  # interrupted half-way: redo it in the same run
-        run_id, have = run.info.run_id, set(run.data.metrics)
+        if run is None:
+            tags = {"ddpm_sweep.train_run_id": train_run_id, "ddpm_sweep.pid": str(os.getpid())}
+            runs.append((_create_run(client, ctx, cell.name, "eval", params, tags), set()))
+            continue
+        run_id = run.info.run_id  # interrupted half-way: redo it in the same run
         client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
         client.update_run(run_id, status="RUNNING")
-        log_missing_params(client, run_id, flat_params(cfg) | cell.params(), run.data.params)
+        log_missing_params(client, run_id, params, run.data.params)
         log.info("redoing the interrupted evaluation %r in run %s", cell.name, run_id)
-    evaluated = evaluate_cell(
+        runs.append((run_id, set(run.data.metrics)))
+    evaluated = evaluate_group(
         result.module,
         result.datamodule,
-        cell.spec,
+        [cell.spec for cell in cells],
         cfg.eval,
         root / "samples",
         per_class=cfg.sample.per_class,
         batch_size=cfg.sample.batch_size,
+        precision=cfg.sample.precision,
         context=eval_ctx,
     )
-    metrics = evaluated.logged_metrics()
-    now = int(time.time() * 1000)
+    measured = {}
     step = result.trainer.global_step
-    fresh = [Metric(k, v, now, step) for k, v in metrics.items() if k not in have]
-    if fresh:
-        client.log_batch(run_id, metrics=fresh)
-    client.log_artifact(run_id, str(evaluated.image), "samples")
-    client.set_terminated(run_id, "FINISHED")
-    return metrics
+    for cell, (run_id, have), cell_result in zip(cells, runs, evaluated):
+        metrics = cell_result.logged_metrics()
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, v, now, step) for k, v in metrics.items() if k not in have]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh)
+        client.log_artifact(run_id, str(cell_result.image), "samples")
+        client.set_terminated(run_id, "FINISHED")
+        measured[cell.name] = metrics
+    return measured

@@ -92,6 +92,15 @@ def test_digits_ignore_hflip_with_a_warning(caplog):
     assert "hflip" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["digits", "gaussian_mixture"])
+def test_loaders_pin_memory_only_when_asked(name):
+    """A run that trains on CUDA asks for page-locked batches, which copy to the GPU faster."""
+    pinned = build_datamodule({"name": name}, pin_memory=True)
+    assert pinned.train_dataloader().pin_memory and pinned.val_dataloader().pin_memory
+    plain = build_datamodule({"name": name})
+    assert not plain.train_dataloader().pin_memory and not plain.val_dataloader().pin_memory
+
+
 # --- splits and batch transform -----------------------------------------------------------
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -356,3 +359,59 @@ def test_sampling_moves_to_the_gpu_when_there_is_one(monkeypatch):
     assert sampling_device(load_config(None, ["train.accelerator=cpu"])) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert sampling_device(cfg) == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- evaluation context
+
+
+def test_prepare_context_puts_the_classifier_on_the_sampling_device(trained, monkeypatch):
+    """Samples come from the GPU: their features must be computed there, not on the CPU. The
+    meta device stands in for CUDA: a classifier left where it was loaded stays on the CPU."""
+    from lightning_modules import evaluate
+
+    monkeypatch.setattr(evaluate, "load_or_train_classifier", lambda *a: copy.deepcopy(trained))
+    x = torch.zeros(4, 1, 8, 8)
+    datamodule = SimpleNamespace(
+        kind="image",
+        num_classes=10,
+        name="stand_in",
+        train_tensors=lambda: (x, torch.zeros(4, dtype=torch.int64)),
+        val_tensors=lambda: (x, torch.zeros(4, dtype=torch.int64)),
+    )
+    eval_cfg = OmegaConf.create({"classifier_seed": 0, "cache_dir": None})
+    ctx = evaluate.prepare_context(datamodule, eval_cfg, device="meta")
+    assert {p.device.type for p in ctx.classifier.parameters()} == {"meta"}
+    ctx = evaluate.prepare_context(datamodule, eval_cfg)
+    assert {p.device.type for p in ctx.classifier.parameters()} == {"cpu"}
+
+
+def test_cells_of_one_context_see_the_real_images_once_and_measure_as_before(digits, trained):
+    """The real images' features, k-NN radii and FID statistics are computed for the first cell
+    and reused; every cell's metrics are those of the uncached functions."""
+    from lightning_modules.evaluate import EvalContext, _measure
+
+    x_a, _, x_b, y_b = digits
+    real_x = x_a.clone()
+    real_x[0] = 0.5  # a marker no sample has: counts how often the real images are featurised
+    seen_marker = []
+    spied = copy.deepcopy(trained.model)
+    features = spied.features
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        seen_marker.append(int((x.flatten(1) == 0.5).all(dim=1).sum()))
+        return features(x)
+
+    spied.features = spy
+    ctx = EvalContext("image", 10, classifier=spied, real_x=real_x)
+    noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cells = [(x_b[:300], y_b[:300]), (x_b[300:600], y_b[300:600]), (noise, y_b[:300])]
+    for fake, labels in cells:
+        measured = _measure(ctx, fake, labels)
+        fake_f = classifier_module.batched_apply(trained.model.features, fake)
+        real_f = classifier_module.batched_apply(trained.model.features, real_x)
+        precision, recall = precision_recall(fake_f, real_f)
+        fid = fid_in_classifier_features(fake, real_x, trained.model)
+        assert measured["fid"] == pytest.approx(fid, rel=1e-12, abs=1e-12)
+        assert (measured["precision"], measured["recall"]) == (precision, recall)
+        assert measured["guided_accuracy"] == guided_accuracy(fake, labels, trained.model)
+    assert sum(seen_marker) == 1

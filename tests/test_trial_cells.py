@@ -49,13 +49,13 @@ def setup_trial(tmp_path, plan):
 
 def counting(monkeypatch):
     sampled = []
-    real = trial.evaluate_cell
+    real = trial.evaluate_group
 
-    def evaluate_cell(*args, **kwargs):
-        sampled.append(args[2])  # the SamplingSpec
+    def evaluate_group(*args, **kwargs):
+        sampled.extend(args[2])  # the SamplingSpecs drawn together
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trial, "evaluate_cell", evaluate_cell)
+    monkeypatch.setattr(trial, "evaluate_group", evaluate_group)
     return sampled
 
 
@@ -121,3 +121,31 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
     sampled.clear()
     evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "c", train_run)
     assert sampled == []  # all recorded: nothing sampled
+
+
+def test_cells_drawn_together_on_a_gpu_get_their_own_runs_and_the_same_metrics(
+    tmp_path, fitted, monkeypatch
+):
+    """On a GPU the cells of one variance and step count are drawn in one batch
+    (guidance_groups); each still gets its own run, and measures what it measures alone."""
+    plan, cfg, result = fitted
+    client, ctx, train_run = setup_trial(tmp_path, plan)
+    alone = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run)
+    real = trial.guidance_groups
+    groups = []
+
+    def as_on_a_gpu(specs, device, n, batch_size):
+        groups.extend(real(specs, "cuda", n, batch_size))
+        return groups
+
+    monkeypatch.setattr(trial, "guidance_groups", as_on_a_gpu)
+    client, ctx, train_run = setup_trial(tmp_path / "g", plan)
+    together = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "b", train_run)
+    assert [[s.guidance for s in g] for g in groups] == [[0.0, 1.0, 2.0]]
+    runs = eval_runs(client, ctx)
+    assert sorted(r.info.run_name for r in runs) == sorted(c.name for c in plan.cells)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert together.keys() == alone.keys()
+    for key, value in alone.items():
+        if "sample_seconds" not in key:
+            assert together[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -165,7 +165,7 @@ def evaluate_inside(result, cfg, out_dir: Path, device: str) -> dict:
     module = result.module.to(device)  # evaluate_cell also moves it (sampling_device)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    eval_ctx = prepare_context(result.datamodule, cfg.eval)
+    eval_ctx = prepare_context(result.datamodule, cfg.eval, device=device)
     prepare_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     rows = evaluate_module(
@@ -232,7 +232,7 @@ def evaluate_one_cell(
     t2 = time.perf_counter()
     cfg = module.cfg
     datamodule = build_datamodule(cfg.data)
-    ctx = prepare_context(datamodule, cfg.eval)
+    ctx = prepare_context(datamodule, cfg.eval, device=device)
     t3 = time.perf_counter()
     variance, guidance, steps = cell
     sample_cfg = OmegaConf.merge(

@@ -26,8 +26,11 @@ DATAMODULES: dict[str, type[TensorDataModule]] = {
 DATASET_NAMES: tuple[str, ...] = tuple(DATAMODULES)
 
 
-def build_datamodule(cfg: DataConfig | DictConfig | dict | None = None) -> TensorDataModule:
-    """The datamodule `cfg` describes (defaults: the digits dataset).
+def build_datamodule(
+    cfg: DataConfig | DictConfig | dict | None = None, *, pin_memory: bool = False
+) -> TensorDataModule:
+    """The datamodule `cfg` describes (defaults: the digits dataset). `pin_memory`: batches
+    in page-locked memory, for a run that trains on CUDA (the `train:` section decides that).
 
     Raises ValueError for an unknown `data.name` or an out-of-range value, and
     `DatasetNotFoundError` when a file-backed dataset is not where `data.path` says.
@@ -38,7 +41,9 @@ def build_datamodule(cfg: DataConfig | DictConfig | dict | None = None) -> Tenso
             f"data.name = {cfg.name!r} is not a known dataset: expected one of "
             f"{', '.join(DATASET_NAMES)}"
         )
-    return DATAMODULES[cfg.name].from_config(cfg)
+    datamodule = DATAMODULES[cfg.name].from_config(cfg)
+    datamodule.pin_memory = pin_memory
+    return datamodule
 
 
 @dataclass(frozen=True)

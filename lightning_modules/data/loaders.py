@@ -14,7 +14,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +203,9 @@ def find_image_folder(path: str | Path | None) -> tuple[list[str], list[tuple[Pa
 
 def load_images(items: list[tuple[Path, int]], image_size: int, channels: int) -> np.ndarray:
     """uint8 (N, channels, image_size, image_size) from the files of `find_image_folder`."""
+    # Imported here: only image folders need Pillow, and a GPU machine may lack it.
+    from PIL import Image, ImageOps
+
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(items), channels, image_size, image_size), dtype=np.uint8)
     for i, (file, _) in enumerate(items):

@@ -22,6 +22,9 @@ from .guidance import (
     check_guidance_weight,
     drop_labels,
     from_ho_salimans,
+    guidance_applies,
+    guidance_mode,
+    guided_forward,
     guided_output,
     in_guidance_interval,
     rescale_guidance,
@@ -45,10 +48,12 @@ from .sampling import (
     ReverseMoments,
     SamplingSpec,
     ancestral_step,
+    batch_key,
     ddim_step,
     p_mean_variance,
     sample,
     sample_progressive,
+    sample_specs,
 )
 from .schedules import (
     SCHEDULES,

@@ -79,6 +79,55 @@ def check_interval(interval) -> tuple[float, float] | None:
     return lo, hi
 
 
+def guidance_applies(t: int, num_timesteps: int, interval: tuple[float, float] | None) -> bool:
+    """:func:`in_guidance_interval` for one training-chain timestep known on the host (a
+    sampler's step: every sample of a batch is at the same t), so no device value is read."""
+    if interval is None:
+        return True
+    lo, hi = interval
+    return lo <= (t + 1) / num_timesteps <= hi
+
+
+def guidance_mode(weights) -> str:
+    """Which forward passes weights (host floats) need: 'cond' when every w is 1, 'uncond' when
+    every w is 0, else 'both' (one batched pass over conditional and null labels)."""
+    weights = set(weights)
+    if weights <= {1.0}:
+        return "cond"
+    return "uncond" if weights <= {0.0} else "both"
+
+
+def guided_forward(
+    model: ModelFn,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    w: float | torch.Tensor,
+    mode: str,
+    *,
+    null_label: int,
+    rescale: float = 0.0,
+    pred_channels: int | None = None,
+) -> torch.Tensor:
+    """Item 11 with the passes decided on the host (:func:`guidance_mode`): ONE forward pass
+    over [x_t; x_t] with labels [c; ∅] for 'both', combined with ``w`` (a float, or per-sample
+    weights broadcastable against x_t).
+
+    Only the first ``pred_channels`` channels (the ε/x0/v prediction) are guided; extra channels
+    (the `learned_range` variance output) are taken from the conditional half, as in GLIDE.
+    """
+    if mode == "cond":
+        return model(x_t, t, labels)
+    null = torch.full_like(labels, null_label)
+    if mode == "uncond":
+        return model(x_t, t, null)
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+    cond, uncond = out.chunk(2)
+    c = pred_channels or cond.shape[1]
+    guided = rescale_guidance(cfg_combine(uncond[:, :c], cond[:, :c], w), cond[:, :c], rescale)
+    return torch.cat([guided, cond[:, c:]], dim=1) if c < cond.shape[1] else guided
+
+
 def guided_output(
     model: ModelFn,
     x_t: torch.Tensor,
@@ -92,27 +141,22 @@ def guided_output(
     interval: tuple[float, float] | None = None,
     pred_channels: int | None = None,
 ) -> torch.Tensor:
-    """Item 11: the guided model output from ONE forward pass over [x_t; x_t] with labels [c; ∅].
-
-    Only the first ``pred_channels`` channels (the ε/x0/v prediction) are guided; extra channels
-    (the `learned_range` variance output) are taken from the conditional half, as in GLIDE. When
-    w is 1 everywhere (or 0), a single conditional (or unconditional) pass is enough.
-    """
+    """Item 11 for per-sample timesteps t: the guided model output, guidance applied where t is
+    inside ``interval`` (plain conditional elsewhere). When w is 1 everywhere (or 0), a single
+    conditional (or unconditional) pass is enough. With an interval, deciding that reads t on
+    the host; the samplers, whose steps share one t, use :func:`guided_forward` instead."""
     w = check_guidance_weight(w)
     if labels is None or null_label is None:
         return model(x_t, t, labels)  # an unconditional model: nothing to guide
-    w_t = torch.where(in_guidance_interval(t, num_timesteps, interval), w, 1.0).to(x_t.dtype)
-    if bool((w_t == 1).all()):
-        return model(x_t, t, labels)
-    null = torch.full_like(labels, null_label)
-    if bool((w_t == 0).all()):
-        return model(x_t, t, null)
-    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
-    cond, uncond = out.chunk(2)
-    c = pred_channels or cond.shape[1]
-    w_b = w_t.reshape(-1, *([1] * (x_t.ndim - 1)))
-    guided = rescale_guidance(cfg_combine(uncond[:, :c], cond[:, :c], w_b), cond[:, :c], rescale)
-    return torch.cat([guided, cond[:, c:]], dim=1) if c < cond.shape[1] else guided
+    if interval is None:
+        w_b, mode = w, guidance_mode([w])
+    else:
+        w_t = torch.where(in_guidance_interval(t, num_timesteps, interval), w, 1.0).to(x_t.dtype)
+        w_b, mode = w_t.reshape(-1, *([1] * (x_t.ndim - 1))), guidance_mode(w_t.unique().tolist())
+    return guided_forward(
+        model, x_t, t, labels, w_b, mode,
+        null_label=null_label, rescale=rescale, pred_channels=pred_channels,
+    )  # fmt: skip
 
 
 def drop_labels(

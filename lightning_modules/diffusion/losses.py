@@ -96,7 +96,7 @@ def training_losses(
     detached inside it so that L_vlb trains only the variance."""
     variance = get_variance(variance)
     x_t = process.q_sample(x0, t, noise)
-    output = model(x_t, process.timestep_map.to(t.device)[t], labels)
+    output = model(x_t, process.model_timesteps(t), labels)
     pred, v = split_variance_output(output, variance, x0.shape[1])
     target = process.training_target(prediction, x0, noise, t)
     terms = {"mse": mean_flat((target.to(pred.dtype) - pred) ** 2)}
@@ -134,7 +134,7 @@ def bits_per_dim(
         t = torch.full((N,), i, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = process.q_sample(x0, t, noise)
-        output = model(x_t, process.timestep_map.to(x0.device)[t], labels)
+        output = model(x_t, process.model_timesteps(t), labels)
         vb[:, i] = vb_terms_bpd(
             process, output, x0, x_t, t, prediction=prediction, variance=variance
         )

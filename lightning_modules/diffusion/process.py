@@ -78,6 +78,7 @@ class GaussianDiffusion:
         # Item 8, `fixed_large`: σ² = β_t, with β̃_2 at t = 1 for the likelihood terms (as in
         # improved-diffusion; at t = 1 no noise is added when sampling, so only L_0 sees it).
         self.log_betas_clipped = torch.cat([first, b[1:]]).log()
+        self._identity_map = bool((self.timestep_map == torch.arange(T)).all())
         self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @classmethod
@@ -87,13 +88,22 @@ class GaussianDiffusion:
         return cls(get_betas(name, T, zero_terminal_snr=zero_terminal_snr))
 
     # -- helpers --------------------------------------------------------------------------------
-    def coef(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gather the per-timestep array `name` at t, in x's dtype, broadcast against x."""
-        key = (name, t.device)
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-timestep array `name`, copied to ``device`` once and kept there."""
+        key = (name, device)
         arr = self._device_cache.get(key)
         if arr is None:
-            arr = self._device_cache[key] = getattr(self, name).to(t.device)
-        return broadcast_to_batch(arr[t].to(x.dtype), x)
+            arr = self._device_cache[key] = getattr(self, name).to(device)
+        return arr
+
+    def coef(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gather the per-timestep array `name` at t, in x's dtype, broadcast against x."""
+        return broadcast_to_batch(self._on(name, t.device)[t].to(x.dtype), x)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The training-chain timesteps a network is called with at this chain's t (item 15):
+        t itself for a chain built from a schedule, ``timestep_map[t]`` after :meth:`respace`."""
+        return t if self._identity_map else self._on("timestep_map", t.device)[t]
 
     def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:

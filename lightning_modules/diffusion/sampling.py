@@ -11,7 +11,15 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .guidance import ModelFn, check_guidance_weight, check_interval, guided_output, threshold_x0
+from .guidance import (
+    ModelFn,
+    check_guidance_weight,
+    check_interval,
+    guidance_applies,
+    guidance_mode,
+    guided_forward,
+    threshold_x0,
+)
 from .process import GaussianDiffusion, Prediction, as_prediction
 from .variance import VarianceChoice, get_variance, split_variance_output
 
@@ -133,6 +141,12 @@ def check_sampling_args(process: GaussianDiffusion, steps, sampler: str, eta: fl
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta!r}")
 
 
+def batch_key(spec: SamplingSpec) -> tuple:
+    """What specs must share to be drawn in one batch: everything but the guidance weight and
+    the seed (:func:`sample_specs`)."""
+    return tuple(v for k, v in spec.as_dict().items() if k not in ("guidance", "seed"))
+
+
 def sample_progressive(
     model: ModelFn,
     process: GaussianDiffusion,
@@ -147,41 +161,81 @@ def sample_progressive(
     device: torch.device | str | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, ReverseMoments]]:
     """Yield (t, x_{t-1}, moments) after every reverse step; see :func:`sample` for the args."""
-    spec = (spec or SamplingSpec()).check(process)
+    yield from _reverse_chain(
+        model, process, shape, [spec or SamplingSpec()], labels=labels, prediction=prediction,
+        null_label=null_label, generators=[generator], noise=noise, device=device,
+    )  # fmt: skip
+
+
+def _reverse_chain(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    shape: tuple[int, ...],
+    specs: list[SamplingSpec],
+    *,
+    labels: torch.Tensor | None,
+    prediction: str | Prediction,
+    null_label: int | None,
+    generators: list[torch.Generator | None],
+    noise: torch.Tensor | None,
+    device: torch.device | str | None,
+) -> Iterator[tuple[int, torch.Tensor, ReverseMoments]]:
+    """The reverse chain for k specs that differ only in guidance weight (and seed), as one
+    batch of k x N samples: block j holds spec j's samples and draws its noise from its own
+    generator, in the order a chain of spec j alone draws it.
+
+    Every decision that depends on the step (guidance inside its interval or not, which
+    forward passes) is made on the host from the step index, so a step never waits for the
+    device."""
+    specs = [spec.check(process) for spec in specs]
+    spec = specs[0]
+    if any(batch_key(s) != batch_key(spec) for s in specs):
+        raise ValueError("specs sampled together may differ only in guidance and seed")
     variance, prediction = get_variance(spec.variance), as_prediction(prediction)
+    n, k = shape[0], len(specs)
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     steps = spec.steps
-    if labels is not None and labels.shape != (shape[0],):
-        raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(labels.shape)}")
     chain = process.respace(steps) if steps and steps < process.num_timesteps else process
     device = (
         torch.device(device)
         if device is not None
         else (noise.device if noise is not None else torch.device("cpu"))
     )
-    x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
-    if x.shape != tuple(shape):
-        raise ValueError(f"noise shape {tuple(x.shape)} != requested shape {tuple(shape)}")
+    if noise is not None and noise.shape != tuple(shape):
+        raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
+
+    def draw(dtype=None) -> torch.Tensor:
+        kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+        return torch.cat([torch.randn(shape, generator=g, **kw) for g in generators])
+
+    x = noise.repeat(k, *([1] * (noise.ndim - 1))) if noise is not None else draw()
     pred_channels = x.shape[1]
-    timestep_map = chain.timestep_map.to(x.device)
+    guided = labels is not None and null_label is not None
+    if guided:
+        y = labels.to(device).repeat(k)
+        w = torch.tensor([float(s.guidance) for s in specs], device=device, dtype=x.dtype)
+        w = w.repeat_interleave(n).reshape(-1, *([1] * (x.ndim - 1)))
+    else:
+        y = labels
     T_train = int(process.timestep_map.max()) + 1
     for i in reversed(range(chain.num_timesteps)):
-        t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-        out = guided_output(
-            model,
-            x,
-            timestep_map[t],
-            labels,
-            spec.guidance,
-            null_label=null_label,
-            num_timesteps=T_train,
-            rescale=spec.guidance_rescale,
-            interval=spec.guidance_interval,
-            pred_channels=pred_channels,
-        )
+        t = torch.full((k * n,), i, device=device, dtype=torch.long)
+        t_model = int(chain.timestep_map[i])  # a host tensor: no device read
+        model_t = torch.full_like(t, t_model)
+        if guided:
+            on = guidance_applies(t_model, T_train, spec.guidance_interval)
+            mode = guidance_mode([s.guidance if on else 1.0 for s in specs])
+            out = guided_forward(
+                model, x, model_t, y, w, mode, null_label=null_label,
+                rescale=spec.guidance_rescale, pred_channels=pred_channels,
+            )  # fmt: skip
+        else:
+            out = model(x, model_t, y)  # an unconditional model: nothing to guide
         moments = p_mean_variance(
             chain, out, x, t, prediction=prediction, variance=variance, threshold=spec.threshold
         )
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = draw(x.dtype)
         if spec.sampler == "ancestral":
             x = ancestral_step(moments, t, z)
         else:
@@ -206,3 +260,32 @@ def sample(
     """
     *_, (_, x0, _) = sample_progressive(model, process, shape, spec, **kwargs)
     return x0
+
+
+def sample_specs(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    shape: tuple[int, ...],
+    specs: list[SamplingSpec],
+    *,
+    generators: list[torch.Generator | None] | None = None,
+    **kwargs,
+) -> list[torch.Tensor]:
+    """:func:`sample` for several specs that differ only in guidance weight and seed, drawn in
+    one batch of len(specs) x N: a guided step is one forward pass over 2 k N samples instead of
+    k passes over 2 N. Spec j's samples are the samples ``sample(..., spec_j, generator=
+    generators[j])`` draws (equal up to floating-point reassociation in the network), so
+    batching is an execution choice only. ``generators`` default to each spec's seed."""
+    if not specs:
+        return []
+    device = torch.device(kwargs.get("device") or "cpu")
+    if generators is None:
+        generators = [torch.Generator(device=device).manual_seed(s.seed) for s in specs]
+    if len(generators) != len(specs):
+        raise ValueError(f"{len(specs)} specs but {len(generators)} generators")
+    *_, (_, x0, _) = _reverse_chain(
+        model, process, shape, list(specs), generators=list(generators),
+        **({"labels": None, "prediction": Prediction.EPS, "null_label": None, "noise": None,
+            "device": None} | kwargs),
+    )  # fmt: skip
+    return list(x0.chunk(len(specs)))

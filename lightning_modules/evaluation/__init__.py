@@ -2,7 +2,8 @@
 
 - `classifier`: a small CNN per image dataset, trained once per (dataset, seed) and cached; its
   penultimate layer is the feature space of the image metrics.
-- `image_metrics`: FID (torchmetrics), improved precision/recall, guided accuracy.
+- `image_metrics`: FID (torchmetrics), improved precision/recall, guided accuracy; the real
+  images' side of FID and precision/recall once per set of real images (`RealReference`).
 - `points_metrics`: sliced Wasserstein-2, energy distance and mode coverage for 2-D toy data.
 - `grids`: PNG sample grids (one row per class) and 2-D scatter plots.
 """
@@ -20,6 +21,7 @@ from .classifier import (
 from .grids import grid_filename, make_grid_array, save_points_plot, save_sample_grid
 from .image_metrics import (
     ClassifierFeatures,
+    RealReference,
     evaluate_images,
     fid_in_classifier_features,
     fid_inception,
@@ -41,6 +43,7 @@ __all__ = [
     "ClassifierFeatures",
     "EvalClassifier",
     "MixtureTruth",
+    "RealReference",
     "TrainedClassifier",
     "classifier_accuracy",
     "classifier_cache_path",

@@ -1,7 +1,8 @@
 """Pictures of samples: PNG image grids (one row per class) and 2-D scatter plots.
 
 Grids are drawn with PIL and plots with matplotlib's Agg canvas, so nothing here needs
-torchvision or a display.
+torchvision or a display. Both are imported when a picture is drawn: the package imports (and
+its metrics run) on a machine that has neither.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def save_sample_grid(
     padding: int = 2,
 ) -> Path:
     """Write a PNG grid of images (see `make_grid_array`); grey for C=1, RGB for C=3."""
+    from PIL import Image
+
     grid = make_grid_array(samples, nrow, min_image_px, padding)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,15 @@
 FID comes from torchmetrics with the classifier's penultimate layer as its feature extractor;
 precision/recall follow Kynkäänniemi et al. (2019); guided accuracy checks that classifier-free
 guidance produced the class that was asked for. All images are float (N, C, H, W) in [-1, 1].
+The real images' side of FID and precision/recall (`RealReference`) can be computed once and
+shared by every sample set measured against the same images.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -123,19 +126,83 @@ def fraction_in_manifold(
 
 
 def precision_recall(
-    fake_features: Tensor, real_features: Tensor, k: int = 3, chunk_size: int = 1024
+    fake_features: Tensor,
+    real_features: Tensor,
+    k: int = 3,
+    chunk_size: int = 1024,
+    real_radii: Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds.
 
     Precision: share of generated samples inside the real manifold (quality).
     Recall: share of real samples inside the generated manifold (coverage).
+    `real_radii` are the real features' `kth_nn_radii` (in float64) when already computed.
     """
     fake, real = fake_features.double(), real_features.double()
-    real_radii = kth_nn_radii(real, k, chunk_size)
+    if real_radii is None:
+        real_radii = kth_nn_radii(real, k, chunk_size)
     fake_radii = kth_nn_radii(fake, k, chunk_size)
     precision = fraction_in_manifold(fake, real, real_radii, chunk_size)
     recall = fraction_in_manifold(real, fake, fake_radii, chunk_size)
     return precision, recall
+
+
+class _PrecomputedFeatures(nn.Module):
+    """FID "extractor" for features computed beforehand: hands them on in float64, as
+    `ClassifierFeatures` does, so the metric's sums are those it would get from the images."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features.double()
+
+
+@dataclass
+class RealReference:
+    """The real images' side of the image metrics: their classifier features, each one's k-th
+    nearest-neighbour radius (the real manifold of precision) and FID's real statistics.
+
+    Computed once (`from_images`) and shared by every sample set measured against the same
+    images, it gives the numbers that measuring each set from the images gives, without running
+    the real images through the classifier again. Not for concurrent use: `fid` keeps the last
+    sample set's statistics in `fid_metric` until the next call resets them.
+    """
+
+    features: Tensor  # (N, feature_dim), on the classifier's device
+    radii: Tensor  # (N,) float64
+    k: int
+    batch_size: int
+    fid_metric: FrechetInceptionDistance  # real side accumulated; reset() keeps it
+
+    @classmethod
+    def from_images(
+        cls, real_x: Tensor, classifier: EvalClassifier, k: int = 3, batch_size: int = 512
+    ) -> RealReference:
+        classifier.eval()
+        features = batched_apply(
+            classifier.features, real_x.float(), batch_size, model_device(classifier)
+        )
+        metric = FrechetInceptionDistance(
+            feature=_PrecomputedFeatures(classifier.num_features), reset_real_features=False
+        ).to(features.device)
+        # The same chunks as `fid_in_classifier_features` feeds it: the same sums, bit for bit.
+        for chunk in features.split(batch_size):
+            metric.update(chunk, real=True)
+        return cls(features, kth_nn_radii(features.double(), k), k, batch_size, metric)
+
+    def fid(self, fake_features: Tensor) -> float:
+        """FID of a sample set, from its classifier features."""
+        self.fid_metric.reset()  # the fake side only (reset_real_features=False)
+        for chunk in fake_features.split(self.batch_size):
+            self.fid_metric.update(chunk, real=False)
+        # Tiny negative values are eigenvalue round-off on (near-)identical sets.
+        return max(self.fid_metric.compute().item(), 0.0)
+
+    def precision_recall(self, fake_features: Tensor) -> tuple[float, float]:
+        """Precision and recall of a sample set, from its classifier features."""
+        return precision_recall(fake_features, self.features, self.k, real_radii=self.radii)
 
 
 def evaluate_images(
@@ -146,19 +213,25 @@ def evaluate_images(
     k: int = 3,
     batch_size: int = 512,
     inception_weights_path: str | Path | None = None,
+    reference: RealReference | None = None,
 ) -> dict[str, float]:
     """All image metrics of one sample set against real data.
 
     Keys: `fid`, `precision`, `recall` (classifier feature space), `guided_accuracy` when
     `requested_labels` is given, and `fid_inception` when `inception_weights_path` is given.
+    `reference` is `RealReference.from_images(real_x, classifier, k, batch_size)` computed
+    beforehand by a caller that measures several sample sets against the same `real_x`.
     """
     classifier.eval()
+    if reference is None:
+        reference = RealReference.from_images(real_x, classifier, k, batch_size)
+    elif reference.k != k:
+        raise ValueError(f"the reference's radii are for k={reference.k}, not k={k}")
     device = model_device(classifier)
     fake_features = batched_apply(classifier.features, samples.float(), batch_size, device)
-    real_features = batched_apply(classifier.features, real_x.float(), batch_size, device)
-    precision, recall = precision_recall(fake_features, real_features, k)
+    precision, recall = reference.precision_recall(fake_features)
     metrics = {
-        "fid": fid_in_classifier_features(samples, real_x, classifier, batch_size),
+        "fid": reference.fid(fake_features),
         "precision": precision,
         "recall": recall,
     }
