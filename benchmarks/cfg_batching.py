@@ -6,11 +6,15 @@ For each batch size B, three variants of one denoiser evaluation, in eval mode u
 * ``unguided``: ``guided_output(..., w=1)``, a single conditional forward over B;
 * ``batched_cfg``: ``guided_output(..., w=3)``, ONE forward over the doubled batch [x; x] with
   labels [c; null], then the combination;
-* ``two_pass``: two separate forwards over B (cond, then uncond), then ``cfg_combine``.
+* ``two_pass``: two separate forwards over B (cond, then uncond), then ``cfg_combine``;
+* ``grouped``: K guidance weights of one cell drawn together (``sample_specs``, what
+  ``evaluate.guidance_groups`` does on a GPU): ONE forward over [x; x] x K, 2KB samples;
+* ``sequential``: the same K weights one after another, K ``batched_cfg`` forwards.
 
 Rounds alternate the variants (the order rotates every round) after warm-up calls; each
 variant's figure is the median over rounds. Keys: ``batched_cfg_over_unguided`` (goal <= 1.3;
-per batch size and overall = geometric mean over batch sizes) and ``two_pass_over_batched``.
+per batch size and overall = geometric mean over batch sizes), ``two_pass_over_batched`` and
+``grouped_over_sequential`` (below 1: drawing a cell's K weights together pays).
 The batched and two-pass outputs are also compared (they must agree to float tolerance).
 
 On a CPU the network is compute-bound already at small batches, so a doubled batch costs about
@@ -28,11 +32,12 @@ import time
 import _common
 import torch
 
-from lightning_modules.diffusion import cfg_combine, guided_output
+from lightning_modules.diffusion import cfg_combine, guided_forward, guided_output
 from lightning_modules.networks import UNet, unet_preset
 
 GOAL = 1.3
 GUIDANCE = 3.0
+GROUP = (0.0, 1.0, 3.0, 5.0)  # the K weights of one cell (the quickstart has four)
 NUM_TIMESTEPS = 1000
 
 
@@ -93,9 +98,25 @@ def main() -> None:
             uncond = net(x, t, torch.full_like(y, null))
             return cfg_combine(uncond, cond, GUIDANCE)
 
-        return {"unguided": unguided, "batched_cfg": batched_cfg, "two_pass": two_pass}
+        k = len(GROUP)
+        xk, tk, yk = x.repeat(k, 1, 1, 1), t.repeat(k), y.repeat(k)
+        wk = torch.tensor(GROUP, device=x.device).repeat_interleave(len(x)).reshape(-1, 1, 1, 1)
 
-    names = ["unguided", "batched_cfg", "two_pass"]
+        def grouped():
+            return guided_forward(net, xk, tk, yk, wk, "both", null_label=null)
+
+        def sequential():
+            return [guided_forward(net, x, t, y, w, "both", null_label=null) for w in GROUP]
+
+        return {
+            "unguided": unguided,
+            "batched_cfg": batched_cfg,
+            "two_pass": two_pass,
+            "grouped": grouped,
+            "sequential": sequential,
+        }
+
+    names = ["unguided", "batched_cfg", "two_pass", "grouped", "sequential"]
     per_batch = {}
     t_start = time.perf_counter()
     with torch.no_grad(), autocast:
@@ -114,7 +135,7 @@ def main() -> None:
             _common.sync(device)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
-                order = names[r % 3 :] + names[: r % 3]  # rotate: no variant always first
+                order = names[r % len(names) :] + names[: r % len(names)]  # none always first
                 for name in order:
                     _common.sync(device)
                     t0 = time.perf_counter()
@@ -129,11 +150,13 @@ def main() -> None:
                 "batched_cfg_over_unguided": med["batched_cfg"] / med["unguided"],
                 "two_pass_over_batched": med["two_pass"] / med["batched_cfg"],
                 "two_pass_over_unguided": med["two_pass"] / med["unguided"],
+                "grouped_over_sequential": med["grouped"] / med["sequential"],
                 "max_abs_diff_batched_vs_two_pass": diff,
             }
             print(
                 f"batch {bs}: batched/unguided {per_batch[bs]['batched_cfg_over_unguided']:.3f}, "
-                f"two-pass/batched {per_batch[bs]['two_pass_over_batched']:.3f}",
+                f"two-pass/batched {per_batch[bs]['two_pass_over_batched']:.3f}, "
+                f"grouped/sequential {per_batch[bs]['grouped_over_sequential']:.3f}",
                 flush=True,
             )
 
@@ -150,6 +173,7 @@ def main() -> None:
             "num_classes": cfg.num_classes,
             "batch_sizes": args.batch_sizes,
             "guidance_w": GUIDANCE,
+            "group_weights": list(GROUP),
             "rounds": args.rounds,
             "calls_per_round": args.calls,
             "warmup_calls": args.warmup,
@@ -164,6 +188,7 @@ def main() -> None:
             v["batched_cfg_over_unguided"] for v in per_batch.values()
         ),
         "two_pass_over_batched": geomean("two_pass_over_batched"),
+        "grouped_over_sequential": geomean("grouped_over_sequential"),
         "per_batch_size": {str(k): v for k, v in per_batch.items()},
         "elapsed_s": time.perf_counter() - t_start,
     }
@@ -180,6 +205,7 @@ def main() -> None:
             "two-pass ms",
             "batched/unguided",
             "two-pass/batched",
+            "grouped/sequential",
             "max |diff|",
         ],
         [
@@ -190,6 +216,7 @@ def main() -> None:
                 v["median_s"]["two_pass"] * 1e3,
                 v["batched_cfg_over_unguided"],
                 v["two_pass_over_batched"],
+                v["grouped_over_sequential"],
                 f"{v['max_abs_diff_batched_vs_two_pass']:.1e}",
             ]
             for bs, v in per_batch.items()
@@ -198,7 +225,9 @@ def main() -> None:
     verdict = "ok" if overall <= GOAL else "ABOVE GOAL"
     print(
         f"batched_cfg_over_unguided = {overall:.3f} overall (geometric mean; goal <= {GOAL}: "
-        f"{verdict}); two_pass_over_batched = {result['two_pass_over_batched']:.3f}"
+        f"{verdict}); two_pass_over_batched = {result['two_pass_over_batched']:.3f}; "
+        f"grouped_over_sequential = {result['grouped_over_sequential']:.3f} "
+        f"({len(GROUP)} weights)"
     )
     if device.type == "cpu":
         print(
