@@ -89,7 +89,11 @@ class DiffusionModule(pl.LightningModule):
         self.timestep_sampler.update(t, terms["loss"])
         loss = (terms["loss"] * weight).mean()
         self._note_finite(loss)
-        logs = {"train/loss": loss, "train/mse": terms["mse"].mean()}
+        logs = {"train/loss": loss}
+        # L_simple on its own where the loss is more than it (the hybrid loss, or importance
+        # weights); elsewhere it would repeat train/loss.
+        if "vb" in terms or self.cfg.diffusion.timestep_sampling != "uniform":
+            logs["train/mse"] = terms["mse"].mean()
         if "vb" in terms:
             logs["train/vb"] = terms["vb"].mean()
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])

@@ -122,22 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="tables and plots of a sweep, from MLflow",
         description="Best configurations and plots (quality and guided accuracy vs guidance "
-        "weight per schedule x variance, quality vs sampling steps, learning curves) as PNG and "
-        "Markdown, also logged to the sweep's parent run.",
+        "weight per schedule x variance, quality vs sampling steps, learning curves) as PNG, "
+        "Markdown and HTML (which the MLflow UI shows), also logged to the sweep's parent run.",
     )
     report.add_argument("sweep", help="the sweep name (its MLflow experiment)")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     report.add_argument("--out", help="output directory (default: reports/<sweep>)")
+    report.add_argument(
+        "--ui-url",
+        help="where the MLflow UI is, for the HTML report's run links (default: the tracking "
+        "server for an http(s) URI, else http://127.0.0.1:5000, where `mlflow ui` listens)",
+    )
     report.set_defaults(func=_run_report)
     return parser
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .tracking import existing_store, tracking_uri
+    from .tracking import existing_store, tracking_uri, ui_url
 
     uri = existing_store(tracking_uri(args.tracking_uri))
-    path = write_report(args.sweep, uri, args.out or f"reports/{args.sweep}")
+    path = write_report(
+        args.sweep, uri, args.out or f"reports/{args.sweep}", ui_url=args.ui_url or ui_url(uri)
+    )
     print(path.read_text())
     print(f"report: {path}")
     return 0
@@ -202,8 +209,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     )
     code = _print_summary(summary)
     from .report import write_report
+    from .tracking import ui_url
 
-    path = write_report(sweep.name, summary["tracking_uri"], f"reports/{sweep.name}")
+    uri = summary["tracking_uri"]
+    path = write_report(sweep.name, uri, f"reports/{sweep.name}", ui_url=ui_url(uri))
     print(
         f"report: {path} (also logged to the parent run); `ddpm-sweep report {sweep.name}` "
         "rebuilds it"

@@ -40,10 +40,12 @@ from .tracking import cell_suffix
 
 @dataclass(frozen=True)
 class Cell:
-    """One sampling configuration of every training: its spec and its run's name."""
+    """One sampling configuration of every training: its spec, a stable key (the Tune metric
+    suffix and the tag that finds its run again) and the label its MLflow runs are named by."""
 
     spec: SamplingSpec
-    name: str  # `eval w1_fixed_small_25steps` (+ `sampler=ddim ...` for other sampling axes)
+    key: str  # `w1_fixed_small_25steps` (+ ` sampler=ddim ...` for other sampling axes)
+    label: str  # `fixed_small · w=1 · 25 steps` (+ ` · sampler=ddim ...`)
 
     def params(self) -> dict[str, str]:
         """The cell's own settings as MLflow params (`sample.guidance`, ...)."""
@@ -98,6 +100,16 @@ class Plan:
         check_training(self.sweep, config, params, self.cells, local_data=False)
         return Training(dict(params), config)
 
+    def training_label(self, params: dict[str, Any], trial_index: int | None = None) -> str:
+        """What tells this training apart from the sweep's others, for run names: the training
+        axes' values (`sigmoid · lr=0.0003`), and the Tune trial's index where values alone may
+        repeat (several samples of each point, values drawn from distributions)."""
+        keys = [a.key for a in self.sweep.training_axes]
+        parts = [_label_part(k, params[k]) for k in keys if k in params]
+        if trial_index is not None and (self.sweep.tune.num_samples > 1 or self.sampled_axes):
+            parts.append(f"#{trial_index}")
+        return LABEL_SEP.join(parts)
+
     def cells_for(self, params: dict[str, Any]) -> list[Cell]:
         """The cells a training evaluates: all of them (train once, sample many)."""
         return self.cells
@@ -130,10 +142,7 @@ class Plan:
         varying = [
             k for k in SAMPLING_SPEC_KEYS if len({getattr(x.spec, k) for x in self.cells}) > 1
         ]
-        rows = [
-            [x.name.removeprefix("eval "), *(_show(getattr(x.spec, k)) for k in varying)]
-            for x in self.cells
-        ]
+        rows = [[x.key, *(_show(getattr(x.spec, k)) for k in varying)] for x in self.cells]
         lines += _table(["cell", *varying], rows)
         lines.append(
             f"evaluated pairs: {c.evaluated_pairs} (a naive grid over every axis would train "
@@ -143,8 +152,25 @@ class Plan:
         return "\n".join(lines)
 
 
+LABEL_SEP = " · "
+
+
 def _show(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _label_part(key: str, value: Any) -> str:
+    """A string value as itself (`sigmoid`), anything else with its key's last part
+    (`lr=0.000316`, `ema_decay=0.999`, `compile=True`)."""
+    if isinstance(value, str):
+        return value
+    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{key.rsplit('.', 1)[-1]}={shown}"
+
+
+def run_name(role: str, *labels: str) -> str:
+    """`train sigmoid`, `eval sigmoid · fixed_small · w=1 · 25 steps` (empty labels left out)."""
+    return " ".join([role, LABEL_SEP.join(x for x in labels if x)]).strip()
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -207,9 +233,10 @@ def plan_cells(sweep: Sweep) -> list[Cell]:
         scalars = dict(zip([a.key for a in grid_axes], combo))
         cfg = OmegaConf.merge(sample, {k.split(".", 1)[1]: v for k, v in scalars.items()})
         for spec in sampling_specs(cfg):
-            extra = [f"{k.split('.', 1)[1]}={v}" for k, v in scalars.items()]
-            name = " ".join(["eval", cell_suffix(spec.guidance, spec.variance, spec.steps), *extra])
-            cells.append(Cell(spec, name))
+            extra = [f"{k.split('.', 1)[1]}={_show(v)}" for k, v in scalars.items()]
+            key = " ".join([cell_suffix(spec.guidance, spec.variance, spec.steps), *extra])
+            label = [spec.variance, f"w={spec.guidance:g}", f"{spec.steps} steps", *extra]
+            cells.append(Cell(spec, key, LABEL_SEP.join(label)))
     return cells
 
 

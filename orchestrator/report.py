@@ -4,14 +4,21 @@
 - `quality_vs_guidance.png` and `accuracy_vs_guidance.png`: one line per schedule × variance,
 - `quality_vs_steps.png`: the quality metric against sampling steps, one line per variance,
 - `learning_curves.png`: val/loss_simple of every training run,
+- `report.html`: the same, self-contained (inline CSS, the plots as `data:` URIs, no JavaScript)
+  for MLflow's artifact viewer, with every run linked to its page in the MLflow UI,
 all also logged to the sweep's parent run under `report/`.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import mlflow
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -81,7 +88,43 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, lines: dict, logx=Fa
     return path
 
 
-def write_report(name: str, tracking_uri: str, out_dir: str | Path, top: int = 10) -> Path:
+def run_href(experiment_id: str, run_id: str, ui_url: str | None = None) -> str:
+    """The MLflow UI's address of a run: `<ui_url>/#/experiments/<id>/runs/<id>`.
+
+    Without `ui_url` the address is root-relative (`/#/experiments/...`), right when the UI is
+    served at the root of its host (`mlflow server`, the compose service) and the page showing
+    it was loaded from that host."""
+    root = ui_url.rstrip("/") if ui_url else ""
+    return (
+        f"{root}/#/experiments/{quote(str(experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
+    )
+
+
+def _fmt(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return "" if value is None else f"{value:.4g}"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(
+    name: str,
+    tracking_uri: str,
+    out_dir: str | Path,
+    top: int = 10,
+    *,
+    ui_url: str | None = None,
+) -> Path:
+    """Write `report.md`, `report.html` and the plots to `out_dir`, log them to the sweep's
+    parent run under `report/`, and return the path of `report.md`.
+
+    `report.html` is self-contained (inline CSS, plots as `data:` URIs, no JavaScript) so that
+    MLflow's artifact viewer can show it. Its run links open the MLflow UI with
+    `target="_top"`; `ui_url` is the UI's root address (e.g. `http://127.0.0.1:5000`); without
+    it the links are root-relative (`/#/experiments/...`), which works only where the UI is
+    served at `/` of the host the page was loaded from."""
     client = mlflow.MlflowClient(tracking_uri)
     parent, children = sweep_runs(client, name)
     evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
@@ -90,9 +133,7 @@ def write_report(name: str, tracking_uri: str, out_dir: str | Path, top: int = 1
         raise ValueError(f"sweep {name!r} has no evaluated runs yet")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    quality, lower = next(
-        ((m, lo) for m, lo in QUALITY_METRICS if m in evals[0].data.metrics), (None, True)
-    )
+    quality, lower = quality_metric(evals)
     accuracy = next((m for m in ACCURACY_METRICS if m in evals[0].data.metrics), None)
     train_axes = _axes_that_vary(evals)
     group = [k for k in train_axes if k != "diffusion.schedule"]
@@ -113,9 +154,10 @@ def write_report(name: str, tracking_uri: str, out_dir: str | Path, top: int = 1
             continue
         lines = defaultdict(list)
         for r in evals:
-            lines[line_label(r)].append(
-                (float(r.data.params["sample.guidance"]), r.data.metrics[metric])
-            )
+            if metric in r.data.metrics:
+                lines[line_label(r)].append(
+                    (float(r.data.params["sample.guidance"]), r.data.metrics[metric])
+                )
         figures.append(
             _plot(
                 out / fname,
@@ -127,7 +169,7 @@ def write_report(name: str, tracking_uri: str, out_dir: str | Path, top: int = 1
         )
     steps_lines = defaultdict(list)
     for r in evals:
-        if quality and float(r.data.params["sample.guidance"]) == 1.0:
+        if quality in r.data.metrics and float(r.data.params["sample.guidance"]) == 1.0:
             steps_lines[line_label(r)].append(
                 (int(r.data.params["sample.steps"]), r.data.metrics[quality])
             )
@@ -158,40 +200,234 @@ def write_report(name: str, tracking_uri: str, out_dir: str | Path, top: int = 1
             )
         )
 
-    ranked = sorted(
-        evals,
-        key=lambda r: (
-            r.data.metrics.get(quality, math.inf)
-            if lower
-            else -r.data.metrics.get(quality, -math.inf)
-        ),
-    )
+    ranked = rank_evals(evals)
     cols = [*train_axes, "sample.variance", "sample.guidance", "sample.steps"]
     mcols = [
         m
         for m in (quality, accuracy, "precision", "recall", "mode_coverage")
         if m and m in evals[0].data.metrics
     ]
-    lines = [
-        f"# Sweep report: {name}",
-        "",
-        f"Parent run `{parent.info.run_id}`; {len(trains)} training run(s), {len(evals)} "
-        f"evaluated (training × sampling) pairs. Guidance convention: "
-        f"{parent.data.tags.get('ddpm_sweep.guidance_convention', '')}.",
-        "",
-        f"## Best {min(top, len(ranked))} by {quality} ({'lower' if lower else 'higher'} is "
-        "better)",
-        "",
-        "| " + " | ".join(cols + mcols) + " |",
-        "|" + "---|" * (len(cols) + len(mcols)),
-    ]
-    for r in ranked[:top]:
-        vals = [r.data.params.get(c, "") for c in cols]
-        vals += [f"{r.data.metrics[m]:.4g}" for m in mcols]
-        lines.append("| " + " | ".join(vals) + " |")
-    lines += ["", "## Plots", ""] + [f"![{f.stem}]({f.name})" for f in figures]
+    report = _Report(
+        name=name,
+        parent=parent,
+        trains=trains,
+        evals=evals,
+        best=ranked[:top],
+        quality=quality,
+        lower=lower,
+        cols=cols,
+        mcols=mcols,
+        figures=figures,
+        ui_url=ui_url,
+    )
     summary = out / "report.md"
-    summary.write_text("\n".join(lines) + "\n")
-    for f in [summary, *figures]:
+    summary.write_text(report.markdown())
+    page = out / "report.html"
+    page.write_text(report.html(), encoding="utf-8")
+    for f in [summary, page, *figures]:
         client.log_artifact(parent.info.run_id, str(f), "report")
     return summary
+
+
+@dataclass
+class _Report:
+    """What both renderings of the report show."""
+
+    name: str
+    parent: Any
+    trains: list
+    evals: list
+    best: list
+    quality: str | None
+    lower: bool
+    cols: list[str]
+    mcols: list[str]
+    figures: list[Path]
+    ui_url: str | None
+
+    @property
+    def experiment_id(self) -> str:
+        return self.parent.info.experiment_id
+
+    @property
+    def direction(self) -> str:
+        return "lower" if self.lower else "higher"
+
+    @property
+    def train_names(self) -> dict[str, str]:
+        return {r.info.run_id: r.info.run_name or r.info.run_id for r in self.trains}
+
+    @property
+    def train_cols(self) -> list[str]:
+        vary = _axes_that_vary(self.trains)
+        if vary:
+            return vary
+        return [k for k in ("diffusion.schedule",) if any(k in r.data.params for r in self.trains)]
+
+    def best_sentence(self) -> str:
+        """The best configuration and its metric, in words (plain text)."""
+        if not self.best or self.quality not in self.best[0].data.metrics:
+            return f"No evaluated pair has {self.quality} yet."
+        b = self.best[0]
+        setting = ", ".join(f"{c}={b.data.params.get(c, '?')}" for c in self.cols)
+        return (
+            f"Best configuration: {setting} (run {b.info.run_name or b.info.run_id}), "
+            f"{self.quality} = {_fmt(b.data.metrics, self.quality)} ({self.direction} is better)."
+        )
+
+    def evals_of(self, train_run_id: str) -> int:
+        return sum(r.data.tags.get("ddpm_sweep.train_run_id") == train_run_id for r in self.evals)
+
+    # -- Markdown, for the terminal and for editors that preview it next to the PNGs ----------
+
+    def markdown(self) -> str:
+        p = self.parent
+        lines = [
+            f"# Sweep report: {self.name}",
+            "",
+            f"Parent run {p.info.run_name or ''} `{p.info.run_id}` (experiment "
+            f"`{self.experiment_id}`); {len(self.trains)} training run(s), {len(self.evals)} "
+            f"evaluated (training × sampling) pairs. Guidance convention: "
+            f"{p.data.tags.get('ddpm_sweep.guidance_convention', '')}. {self.best_sentence()}",
+            "",
+            f"## Best {len(self.best)} by {self.quality} ({self.direction} is better)",
+            "",
+        ]
+        header = ["run", *self.cols, *self.mcols, "run id", "training run"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        names = self.train_names
+        for r in self.best:
+            train_id = r.data.tags.get("ddpm_sweep.train_run_id", "")
+            vals = [_md_cell(r.info.run_name or "")]
+            vals += [_md_cell(r.data.params.get(c, "")) for c in self.cols]
+            vals += [_fmt(r.data.metrics, m) for m in self.mcols]
+            vals += [f"`{r.info.run_id}`", _md_cell(names.get(train_id, train_id))]
+            lines.append("| " + " | ".join(vals) + " |")
+        # Relative names: the PNGs are written next to report.md (and logged next to it).
+        lines += ["", "## Plots"]
+        for f in self.figures:
+            lines += ["", f"![{f.stem}]({f.name})"]
+        if self.trains:
+            header = ["run", *self.train_cols, "status", "val/loss_simple", "evaluated", "run id"]
+            lines += ["", "## Training runs", ""]
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for r in self.trains:
+                vals = [_md_cell(r.info.run_name or "")]
+                vals += [_md_cell(r.data.params.get(c, "")) for c in self.train_cols]
+                vals += [
+                    r.info.status,
+                    _fmt(r.data.metrics, "val/loss_simple"),
+                    str(self.evals_of(r.info.run_id)),
+                    f"`{r.info.run_id}`",
+                ]
+                lines.append("| " + " | ".join(vals) + " |")
+        return "\n".join(lines) + "\n"
+
+    # -- HTML, for MLflow's artifact viewer: self-contained, no scripts ------------------------
+
+    def link(self, run) -> str:
+        href = run_href(self.experiment_id, run.info.run_id, self.ui_url)
+        text = run.info.run_name or run.info.run_id
+        return (
+            f'<a href="{escape(href)}" target="_top" title="run {escape(run.info.run_id)}">'
+            f"{escape(text)}</a>"
+        )
+
+    def html(self) -> str:
+        e = escape
+        p = self.parent
+        trains_by_id = {r.info.run_id: r for r in self.trains}
+        summary = (
+            f"Parent run {self.link(p)} (<code>{e(p.info.run_id)}</code>, experiment "
+            f"<code>{e(self.experiment_id)}</code>): {len(self.trains)} training run(s), "
+            f"{len(self.evals)} evaluated (training &times; sampling) pairs. Guidance "
+            f"convention: {e(p.data.tags.get('ddpm_sweep.guidance_convention', ''))}. "
+            f"{e(self.best_sentence())}"
+        )
+        body = [
+            f"<h1>Sweep report: {e(self.name)}</h1>",
+            f'<p class="summary">{summary}</p>',
+            f"<h2>Best {len(self.best)} by {e(str(self.quality))} ({self.direction} is "
+            "better)</h2>",
+            '<table id="best"><thead><tr>',
+            "".join(
+                f"<th>{e(c)}</th>"
+                for c in ["run", *self.cols, *self.mcols, "run id", "training run"]
+            ),
+            "</tr></thead><tbody>",
+        ]
+        for r in self.best:
+            train_id = r.data.tags.get("ddpm_sweep.train_run_id", "")
+            train = trains_by_id.get(train_id)
+            cells = [self.link(r)]
+            cells += [e(r.data.params.get(c, "")) for c in self.cols]
+            cells += [e(_fmt(r.data.metrics, m)) for m in self.mcols]
+            cells += [
+                f"<code>{e(r.info.run_id)}</code>",
+                self.link(train) if train else f"<code>{e(train_id)}</code>",
+            ]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        body.append("</tbody></table>")
+        if self.figures:
+            body.append("<h2>Plots</h2>")
+        for f in self.figures:
+            data = base64.b64encode(f.read_bytes()).decode("ascii")
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{e(f.stem)}">'
+                f"<figcaption>{e(f.name)}</figcaption></figure>"
+            )
+        if self.trains:
+            header = ["run", *self.train_cols, "status", "val/loss_simple", "evaluated", "run id"]
+            body += [
+                "<h2>Training runs</h2>",
+                '<table id="trains"><thead><tr>',
+                "".join(f"<th>{e(c)}</th>" for c in header),
+                "</tr></thead><tbody>",
+            ]
+            for r in self.trains:
+                cells = [self.link(r)]
+                cells += [e(r.data.params.get(c, "")) for c in self.train_cols]
+                cells += [
+                    e(r.info.status),
+                    e(_fmt(r.data.metrics, "val/loss_simple")),
+                    str(self.evals_of(r.info.run_id)),
+                    f"<code>{e(r.info.run_id)}</code>",
+                ]
+                body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            body.append("</tbody></table>")
+        body.append(
+            '<p class="note">Run links open the MLflow UI '
+            + (
+                f"at {e(self.ui_url)}."
+                if self.ui_url
+                else "relative to the root of this page's host (<code>/#/experiments/"
+                "&hellip;</code>)."
+            )
+            + " If a link does nothing (MLflow's artifact viewer shows this page in a sandboxed"
+            " frame, which can keep links from leaving it), search the experiment's runs for"
+            " <code>attributes.run_id = '&lt;run id&gt;'</code>.</p>"
+        )
+        return (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>Sweep report: {e(self.name)}</title>\n<style>{_CSS}</style>\n</head>\n"
+            "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+        )
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em;
+       color: #1f2328; line-height: 1.45; }
+h1 { font-size: 1.5em; margin: 0 0 .5em; }
+h2 { font-size: 1.2em; margin: 1.5em 0 .5em; }
+.summary { max-width: 60em; }
+table { border-collapse: collapse; font-size: .9em; }
+th, td { border: 1px solid #d0d7de; padding: .25em .6em; text-align: left; white-space: nowrap; }
+th { background: #f6f8fa; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .85em; }
+a { color: #0969da; }
+figure { display: inline-block; margin: 0 1em 1em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figcaption { font-size: .8em; color: #59636e; }
+.note { font-size: .85em; color: #59636e; margin-top: 2em; }
+"""

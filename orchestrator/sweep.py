@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param
+from omegaconf import OmegaConf
 
-from lightning_modules.config import to_yaml
+from lightning_modules.diffusion import GUIDANCE_CONVENTION
 
 from .cluster import (
     check_storage_visible,
@@ -66,6 +68,68 @@ def _scheduler(sweep: Sweep):
     return FIFOScheduler()
 
 
+def axis_text(axis: Axis) -> str:
+    """An axis as its sweep file reads: `[linear, cosine]`, `loguniform(0.0001, 0.001)`."""
+    values = ", ".join(str(v) for v in axis.values)
+    return f"[{values}]" if axis.kind == "grid" else f"{axis.kind}({values})"
+
+
+def parent_params(plan: Plan) -> dict[str, str]:
+    """The parent run's params: the sweep's axes, its Tune settings and the plan's counts,
+    under `sweep.` so that they never share a column with the children's own values."""
+    sweep = plan.sweep
+    params = {f"sweep.axis.{a.key}": axis_text(a) for a in sweep.axes}
+    params |= {
+        f"sweep.tune.{k}": str(getattr(sweep.tune, k))
+        for k in ("search_alg", "scheduler", "metric", "mode", "num_samples")
+        if hasattr(sweep.tune, k)
+    }
+    params |= {f"sweep.plan.{k}": str(v) for k, v in plan.costs.as_dict().items()}
+    return params
+
+
+def sweep_note(plan: Plan, best: dict[str, Any] | None = None) -> str:
+    """The parent run's description (`mlflow.note.content`, markdown in the UI)."""
+    sweep, c = plan.sweep, plan.costs
+    axes = "\n".join(f"- `{a.key}`: {axis_text(a)}" for a in sweep.axes) or "- (none)"
+    lines = [
+        f"Sweep **{sweep.name}** from `{sweep.source}`: {c.trainings} training run(s) x "
+        f"{c.cells} sampling cell(s) = {c.evaluated_pairs} evaluation runs (a grid over every "
+        f"axis would train {c.naive_trainings} times).",
+        "",
+        "Axes:",
+        axes,
+        "",
+        f"Guidance convention: {GUIDANCE_CONVENTION}.",
+    ]
+    if best:
+        metric = next((k for k in best if k not in BEST_FIELDS), None)
+        lines += [
+            "",
+            f"**Best:** {best['eval_run']} ({metric} = {best.get(metric)}); registered as "
+            f"model `{best['registered_model']}` version {best['version']}.",
+        ]
+    lines += ["", "Runs: group by `diffusion.schedule` or any axis in the Columns view; the "
+              "sampling cell's values are the `sample.*` params of the eval runs."]  # fmt: skip
+    return "\n".join(lines)
+
+
+BEST_FIELDS = ("eval_run", "eval_run_id", "train_run_id", "params", "registered_model", "version")
+
+
+def resolved_base(sweep: Sweep) -> str:
+    """The base config as the sweep runs it: every axis key shows its axis, not the default
+    it replaces (a training axis over schedules is not `schedule: cosine`)."""
+    base = OmegaConf.to_container(sweep.base, resolve=True)
+    for a in sweep.axes:
+        node = base
+        *parents, last = a.key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = f"<axis {axis_text(a)}>"
+    return OmegaConf.to_yaml(OmegaConf.create(base))
+
+
 def open_parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str]:
     sweep = plan.sweep
     client = mlflow.MlflowClient(tracking_uri)
@@ -75,10 +139,14 @@ def open_parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str]:
         "ddpm_sweep.sweep": sweep.name,
         "ddpm_sweep.role": "sweep",
         "mlflow.runName": f"sweep {sweep.name}",
+        "mlflow.note.content": sweep_note(plan),
     }
     run = client.create_run(experiment_id, run_name=f"sweep {sweep.name}", tags=tags)
+    params = [Param(k, v[:6000]) for k, v in parent_params(plan).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "resolved_config.yaml").write_text(to_yaml(sweep.base))
+        (Path(tmp) / "resolved_config.yaml").write_text(resolved_base(sweep))
         (Path(tmp) / "sweep.json").write_text(
             json.dumps(
                 {
@@ -190,6 +258,7 @@ def _finish(client, results, plan: Plan, experiment_id, parent_run_id, start) ->
     summary = summarize(results, plan, time.time() - start)
     summary["cluster"] = describe_cluster()
     summary["best"] = publish_best(client, plan.sweep, parent_run_id)
+    log_sweep_results(client, plan, parent_run_id, summary)
     client.log_dict(parent_run_id, summary, "summary.json")
     client.set_terminated(parent_run_id, "FINISHED" if not summary["errored"] else "FAILED")
     summary["parent_run_id"] = parent_run_id
@@ -288,6 +357,25 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
         "registered_model": sweep.name,
         "version": version.version,
     }
+
+
+def log_sweep_results(client, plan: Plan, parent_run_id: str, summary: dict) -> None:
+    """The sweep's outcome on its parent run: the best result and the counts as metrics (the
+    experiment's runs table shows them in the parent's row), and the note updated with it."""
+    best = summary.get("best") or {}
+    metrics = {
+        "sweep/trials": len(summary["trials"]),
+        "sweep/errored": summary["errored"],
+        "sweep/wall_seconds": summary["wall_seconds"],
+    }
+    metrics |= {
+        f"best/{k}": float(v)
+        for k, v in best.items()
+        if k not in BEST_FIELDS and isinstance(v, (int, float))
+    }
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.set_tag(parent_run_id, "mlflow.note.content", sweep_note(plan, best or None))
 
 
 def sweep_axis_keys(sweep: Sweep) -> set[str]:

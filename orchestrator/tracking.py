@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.data.config import DATASET_KEYS
 from lightning_modules.diffusion import GUIDANCE_CONVENTION
 
 # A sqlite file in the working directory: `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
@@ -24,6 +26,14 @@ def tracking_uri(cli_value: str | None) -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def ui_url(uri: str) -> str:
+    """Where a user opens the MLflow UI for this store: the tracking server itself, or for a
+    database or directory `mlflow ui`'s default address (README: how to open a sweep)."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return "http://127.0.0.1:5000"
 
 
 def existing_store(uri: str) -> str:
@@ -53,6 +63,25 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+def train_params(cfg: DictConfig) -> dict[str, str]:
+    """What a training run records: its dataset's own keys, the network, the diffusion and the
+    training settings. Not the sampling lists it is evaluated with (each eval run has its own
+    cell) nor the evaluation settings; the full resolved config stays an artifact."""
+    data = {f"data.{k}" for k in ("name", *DATASET_KEYS.get(cfg.data.name, ()))}
+    return {
+        k: v
+        for k, v in flat_params(cfg).items()
+        if k in data or k.split(".", 1)[0] in ("network", "diffusion", "train")
+    }
+
+
+def eval_params(cfg: DictConfig, training: dict, cell_params: dict[str, str]) -> dict[str, str]:
+    """What an evaluation run records: the training axes' values of its training (to group and
+    filter by), the sampling cell's own values, and the evaluation settings."""
+    evaluation = {k: v for k, v in flat_params(cfg).items() if k.startswith("eval.")}
+    return {k: str(v) for k, v in training.items()} | cell_params | evaluation
+
+
 def git_commit(path: Path | None = None) -> str:
     try:
         return subprocess.run(
@@ -68,9 +97,14 @@ def git_commit(path: Path | None = None) -> str:
 
 
 def run_tags(config_file: str | None = None) -> dict[str, str]:
+    """Tags every run carries: the guidance convention, package versions, and MLflow's own
+    source tags (commit, source, user), which its UI shows in the run's overview."""
     tags = {
         "ddpm_sweep.guidance_convention": GUIDANCE_CONVENTION,
-        "ddpm_sweep.git_commit": git_commit(),
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": str(config_file) if config_file else "ddpm-sweep",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
     }
     if config_file:
         tags["ddpm_sweep.config_file"] = str(config_file)
@@ -80,6 +114,13 @@ def run_tags(config_file: str | None = None) -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (some containers)
+        return os.environ.get("USER", "unknown")
 
 
 def cell_suffix(guidance: float, variance: str, steps: int) -> str:

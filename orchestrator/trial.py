@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,11 @@ from lightning_modules.train import build_experiment, cuda_problem, fit
 
 from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
 from .phases import PhaseTimer, TimedClient
-from .plan import Cell, Plan
-from .tracking import cell_suffix, flat_params, run_tags
+from .plan import Cell, Plan, run_name
+from .tracking import cell_suffix, eval_params, run_tags, train_params
 
 log = logging.getLogger(__name__)
+CELL_TAG = "ddpm_sweep.cell"  # an eval run's cell key: how a retried trial finds it again
 RUN_ID_FILE = "mlflow_run_id.txt"
 METRICS_FILE = "metrics.json"  # what the checkpoint's report said, for a trial resumed at its end
 
@@ -135,18 +138,22 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
                 trial.get_trial_name(),
                 run_id,
             )
+    label = ctx.plan.training_label(params, trial_index(trial.get_trial_name()))
     if run_id is None:  # a fresh trial: its own child run under the sweep's parent
         run_id = _create_run(
             client,
             ctx,
-            f"train {trial.get_trial_name()}",
+            run_name("train", label),
             "train",
-            flat_params(cfg),
-            {"ddpm_sweep.trial_id": trial.get_trial_id()},
+            train_params(cfg),
+            {
+                "ddpm_sweep.trial_id": trial.get_trial_id(),
+                "ddpm_sweep.trial": trial.get_trial_name(),
+            },
         )
     else:  # a retried or resumed trial re-attaches to its run
         client.update_run(run_id, status="RUNNING")
-        log_missing_params(client, run_id, flat_params(cfg))
+        log_missing_params(client, run_id, train_params(cfg))
         log.info("trial %s re-attached to MLflow run %s", trial.get_trial_name(), run_id)
     node_id = ray.get_runtime_context().get_node_id()
     client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
@@ -170,7 +177,9 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
         cells = ctx.plan.cells_for(params)
         with timer("evaluate"):
-            summary = evaluate_cells(client, ctx, cells, cfg, result, root, run_id)
+            summary = evaluate_cells(
+                client, ctx, cells, cfg, result, root, run_id, EvalLabels(label, params)
+            )
     except SystemExit:
         # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
         # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
@@ -186,6 +195,21 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     # from that checkpoint's report.
     final = reported | {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
     tune.report(final | timer.report() | {"node_id": node_id})
+
+
+def trial_index(trial_name: str) -> int | None:
+    """Tune's index of a trial, from its name (`train_and_evaluate_35b23_00002` -> 2)."""
+    match = re.search(r"_(\d+)$", trial_name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class EvalLabels:
+    """What the eval runs of one training take from it: the label of their names, and the
+    training axes' values they record as params."""
+
+    training: str = ""
+    params: dict = field(default_factory=dict)
 
 
 def require_cuda_for(gpu_ids: list) -> None:
@@ -235,7 +259,14 @@ def _resume_point(root: Path):
 
 
 def evaluate_cells(
-    client, ctx, cells: list[Cell], cfg, result, root: Path, train_run_id: str
+    client,
+    ctx,
+    cells: list[Cell],
+    cfg,
+    result,
+    root: Path,
+    train_run_id: str,
+    labels: EvalLabels = EvalLabels(),
 ) -> dict:
     """Evaluate the training's sampling cells; one MLflow child run per (training x cell).
 
@@ -248,7 +279,7 @@ def evaluate_cells(
     device = sampling_device(cfg)
     eval_ctx = prepare_context(result.datamodule, cfg.eval, device=device)
     earlier = {
-        r.info.run_name: r
+        r.data.tags.get(CELL_TAG): r
         for r in client.search_runs(
             [ctx.experiment_id],
             f"tags.`ddpm_sweep.train_run_id` = '{train_run_id}'",
@@ -256,10 +287,8 @@ def evaluate_cells(
             order_by=["attributes.start_time ASC"],
         )
     }
-    done = {
-        c.name for c in cells if c.name in earlier and earlier[c.name].info.status == "FINISHED"
-    }
-    todo = {c.spec: c for c in cells if c.name not in done}
+    done = {c.key for c in cells if c.key in earlier and earlier[c.key].info.status == "FINISHED"}
+    todo = {c.spec: c for c in cells if c.key not in done}
     measured: dict[str, dict[str, float]] = {
         name: dict(earlier[name].data.metrics)
         for name in done  # before an interruption
@@ -268,35 +297,40 @@ def evaluate_cells(
     for group in groups:
         group_cells = [todo[spec] for spec in group]
         measured |= _evaluate_into_runs(
-            client, ctx, cfg, result, root, train_run_id, eval_ctx, group_cells, earlier
+            client, ctx, cfg, result, root, train_run_id, eval_ctx, group_cells, earlier, labels
         )
     summary: dict[str, float] = {}
     for cell in cells:
         suffix = cell_suffix(cell.spec.guidance, cell.spec.variance, cell.spec.steps)
-        for k, v in measured[cell.name].items():
+        for k, v in measured[cell.key].items():
             summary[f"eval/{k}/{suffix}"] = v
     return summary
 
 
 def _evaluate_into_runs(
-    client, ctx, cfg, result, root, train_run_id, eval_ctx, cells: list[Cell], earlier: dict
+    client, ctx, cfg, result, root, train_run_id, eval_ctx, cells: list[Cell], earlier, labels
 ) -> dict[str, dict[str, float]]:
     """Sample and measure cells drawn together, each into its MLflow run: a new one, or the
     unfinished run of an earlier attempt (whose metrics are not logged twice). Every run is
     open before sampling starts, and FINISHED comes last."""
     runs: list[tuple[str, set[str]]] = []
     for cell in cells:
-        run = earlier.get(cell.name)
-        params = flat_params(cfg) | cell.params()
+        run = earlier.get(cell.key)
+        params = eval_params(cfg, labels.params, cell.params())
         if run is None:
-            tags = {"ddpm_sweep.train_run_id": train_run_id, "ddpm_sweep.pid": str(os.getpid())}
-            runs.append((_create_run(client, ctx, cell.name, "eval", params, tags), set()))
+            tags = {
+                "ddpm_sweep.train_run_id": train_run_id,
+                "ddpm_sweep.pid": str(os.getpid()),
+                CELL_TAG: cell.key,
+            }
+            name = run_name("eval", labels.training, cell.label)
+            runs.append((_create_run(client, ctx, name, "eval", params, tags), set()))
             continue
         run_id = run.info.run_id  # interrupted half-way: redo it in the same run
         client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
         client.update_run(run_id, status="RUNNING")
         log_missing_params(client, run_id, params, run.data.params)
-        log.info("redoing the interrupted evaluation %r in run %s", cell.name, run_id)
+        log.info("redoing the interrupted evaluation %r in run %s", cell.label, run_id)
         runs.append((run_id, set(run.data.metrics)))
     evaluated = evaluate_group(
         result.module,
@@ -310,14 +344,26 @@ def _evaluate_into_runs(
         context=eval_ctx,
     )
     measured = {}
-    step = result.trainer.global_step
     for cell, (run_id, have), cell_result in zip(cells, runs, evaluated):
         metrics = cell_result.logged_metrics()
         now = int(time.time() * 1000)
-        fresh = [Metric(k, v, now, step) for k, v in metrics.items() if k not in have]
+        # Step 0: an evaluation is one point per run, and the chart view plots runs against
+        # each other at one step (the training step is a param of the training run).
+        fresh = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in have]
         if fresh:
             client.log_batch(run_id, metrics=fresh)
-        client.log_artifact(run_id, str(cell_result.image), "samples")
+        log_grid(client, run_id, cell_result.image)
         client.set_terminated(run_id, "FINISHED")
-        measured[cell.name] = metrics
+        measured[cell.key] = metrics
     return measured
+
+
+GRID_ARTIFACT = "samples/grid.png"  # one name in every eval run: the compare page pairs them
+
+
+def log_grid(client, run_id: str, png: Path) -> None:
+    """The cell's sample grid under the artifact name every eval run shares."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / Path(GRID_ARTIFACT).name
+        shutil.copyfile(png, target)
+        client.log_artifact(run_id, str(target), str(Path(GRID_ARTIFACT).parent))

@@ -45,8 +45,13 @@ def assert_complete(
     roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
     assert roles == {"sweep": 1, "train": trainings, "eval": trainings * cells}, roles
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
-    evals = Counter(r.info.run_name for r in runs if r.data.tags["ddpm_sweep.role"] == "eval")
-    assert len(evals) == cells and set(evals.values()) == {trainings}  # none twice
+    evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
+    pairs = Counter(
+        (r.data.tags["ddpm_sweep.train_run_id"], r.data.tags["ddpm_sweep.cell"]) for r in evals
+    )
+    assert len(pairs) == trainings * cells and set(pairs.values()) == {1}  # none twice
+    names = [r.info.run_name for r in runs]
+    assert len(set(names)) == len(names), names  # unique: every run tells itself apart
     (parent,) = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "sweep"]
     summary = json.loads(
         Path(
@@ -72,6 +77,6 @@ def assert_complete(
             assert "sample.guidance" in r.data.params, r.info.run_name
             assert "sample_seconds" in r.data.metrics, r.info.run_name
             assert client.list_artifacts(r.info.run_id, "samples"), r.info.run_name
-        if role in ("eval", "train"):
+        if role == "train":
             assert "diffusion.schedule" in r.data.params, r.info.run_name
     return trains

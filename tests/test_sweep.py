@@ -44,9 +44,11 @@ def test_plan_trains_once_per_training_configuration():
     # Each training's config is resolved: its own schedule, the plan's sampling values.
     assert [t.config.diffusion.schedule for t in plan.trainings] == ["linear", "cosine", "sigmoid"]
     assert list(plan.trainings[0].config.sample.guidance) == [0.0, 1.0, 2.0, 4.0]
-    names = [c.name for c in plan.cells]
-    assert len(names) == len(set(names)) == 8
-    assert "eval w2_fixed_large_25steps" in names
+    keys = [c.key for c in plan.cells]
+    assert len(keys) == len(set(keys)) == len({c.label for c in plan.cells}) == 8
+    assert "w2_fixed_large_25steps" in keys
+    assert "fixed_large · w=2 · 25 steps" in [c.label for c in plan.cells]
+    assert plan.training_label({"diffusion.schedule": "sigmoid"}, 2) == "sigmoid"
     c = plan.costs
     assert (c.trainings, c.cells, c.evaluated_pairs, c.naive_trainings) == (3, 8, 24, 24)
     assert c.training_steps == 3 * sweep.base.train.max_steps
@@ -65,7 +67,8 @@ def test_scalar_sampling_axes_multiply_the_cells_and_name_them():
     plan = build_plan(write(Path(__import__("tempfile").mkdtemp()), text))
     assert plan.costs.cells == 12
     assert {c.spec.sampler for c in plan.cells} == {"ancestral", "ddim"}
-    assert "eval w3_fixed_large_20steps sampler=ddim" in [c.name for c in plan.cells]
+    assert "w3_fixed_large_20steps sampler=ddim" in [c.key for c in plan.cells]
+    assert "fixed_large · w=3 · 20 steps · sampler=ddim" in [c.label for c in plan.cells]
 
 
 @pytest.mark.parametrize(
@@ -178,7 +181,7 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         assert phases["time/mlflow_s"] > 0 and phases["time/checkpoint_s"] > 0
     (version,) = client.search_model_versions("name = 'e2e'")
     assert version.tags["ddpm_sweep.parent_run_id"] == parent.info.run_id
-    assert "best: eval w" in out.stdout and "CPU-hours" in out.stdout
+    assert "best: eval " in out.stdout and "CPU-hours" in out.stdout
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {
         "report/report.md",
@@ -187,8 +190,10 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         "report/learning_curves.png",
     } <= report_files
     report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
-    assert "| diffusion.schedule | sample.variance | sample.guidance |" in report
-    assert report.count("\n| linear |") + report.count("\n| cosine |") == 10  # the top 10
+    assert "| run | diffusion.schedule | sample.variance | sample.guidance |" in report
+    best_rows = [line for line in report.splitlines() if line.startswith("| eval ")]
+    assert len(best_rows) == 10  # the top 10, each with its training's schedule
+    assert all(" | linear | " in row or " | cosine | " in row for row in best_rows), best_rows
 
     trains = {
         r.data.params["diffusion.schedule"]: r
@@ -196,6 +201,38 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         if r.data.tags["ddpm_sweep.role"] == "train"
     }
     assert set(trains) == {"linear", "cosine"}
+    # What a user compares in the MLflow UI: names from what varies, unique in the experiment;
+    # each run's own params; MLflow's own source tags; a parent that describes the sweep.
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), names
+    assert {r.info.run_name for r in trains.values()} == {"train linear", "train cosine"}
+    assert "eval cosine · fixed_large · w=3 · 20 steps" in names
+    for r in trains.values():
+        assert not any(k.startswith(("sample.", "eval.")) for k in r.data.params), r.data.params
+        assert "data.n_modes" in r.data.params and "data.image_size" not in r.data.params
+    evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
+    for r in evals:
+        assert not any(k.startswith(("train.", "network.", "data.")) for k in r.data.params)
+        assert "diffusion.variance" not in r.data.params  # the training's, not the cell's
+        assert set(r.data.metrics) >= {"sample_seconds"}
+        assert {
+            m.step for k in r.data.metrics for m in client.get_metric_history(r.info.run_id, k)
+        } == {0}
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == [
+            "samples/grid.png"
+        ]
+    for r in runs:
+        assert len(r.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
+        assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"]
+    assert parent.data.params["sweep.axis.diffusion.schedule"] == "[linear, cosine]"
+    assert parent.data.params["sweep.plan.evaluated_pairs"] == "12"
+    parent = client.get_run(parent.info.run_id)  # as finished: the best result on it
+    assert "best/sliced_wasserstein" in parent.data.metrics
+    assert "**Best:** eval " in parent.data.tags["mlflow.note.content"]
+    resolved = Path(
+        client.download_artifacts(parent.info.run_id, "resolved_config.yaml", str(tmp_path))
+    ).read_text()
+    assert "schedule: <axis [linear, cosine]>" in resolved
     for r in trains.values():
         history = client.get_metric_history(r.info.run_id, "val/loss_simple")
         assert [m.step for m in history] == sorted({m.step for m in history})  # no step twice
@@ -267,7 +304,9 @@ def test_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
     evals = [r for r in runs if r.data.tags["ddpm_sweep.role"] == "eval"]
     assert len(evals) == 6 and all(r.data.params["train.lr"] == "0.003" for r in evals)
     report = (tmp_path / "reports" / "nan" / "report.md").read_text()
-    assert "1e+30" not in report  # excluded from the best configurations
+    best_rows = [line for line in report.splitlines() if line.startswith("| eval ")]
+    assert best_rows and not any("1e+30" in row for row in best_rows)  # not among the best
+    assert "| train lr=1e+30 | 1e+30 | FAILED |" in report  # listed with the trainings
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from lightning_modules.train import fit
 from orchestrator import trial
 from orchestrator.plan import build_plan
-from orchestrator.trial import TrialContext, _create_run, evaluate_cells
+from orchestrator.trial import CELL_TAG, TrialContext, _create_run, evaluate_cells
 
 SWEEP = """
 name: cells
@@ -81,17 +81,18 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
         (1.0, "fixed_small", 5),
         (2.0, "fixed_small", 5),
     ]
-    runs = {r.info.run_name: r for r in eval_runs(client, ctx)}
+    runs = {r.data.tags[CELL_TAG]: r for r in eval_runs(client, ctx)}
+    assert runs["w1_fixed_small_5steps"].info.run_name == "eval fixed_small · w=1 · 5 steps"
     for r in list(runs.values()):
-        if r.info.run_name != "eval w0_fixed_small_5steps":
+        if r.data.tags[CELL_TAG] != "w0_fixed_small_5steps":
             client.delete_run(r.info.run_id)
     half = _create_run(
         client,
         ctx,
-        "eval w1_fixed_small_5steps",
+        "eval fixed_small · w=1 · 5 steps",
         "eval",
         {},
-        {"ddpm_sweep.train_run_id": train_run},
+        {"ddpm_sweep.train_run_id": train_run, CELL_TAG: "w1_fixed_small_5steps"},
     )
 
     sampled.clear()
@@ -101,11 +102,11 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
     runs = eval_runs(client, ctx)
     names = Counter(r.info.run_name for r in runs)
     assert set(names.values()) == {1} and len(names) == 3  # none recorded twice
-    redone = next(r for r in runs if r.info.run_name == "eval w1_fixed_small_5steps")
+    redone = next(r for r in runs if r.data.tags[CELL_TAG] == "w1_fixed_small_5steps")
     assert redone.info.run_id == half and redone.info.status == "FINISHED"
     # Killed between creating its run and logging its params: the redo completes them.
     assert redone.data.params["sample.guidance"] == "1.0"
-    assert redone.data.params["diffusion.timesteps"] == "20"
+    assert redone.data.params["eval.num_samples"] == "40"
     for r in runs:  # every FINISHED cell has all its metrics and its PNG
         assert r.info.status == "FINISHED"
         assert (
@@ -143,7 +144,7 @@ def test_cells_drawn_together_on_a_gpu_get_their_own_runs_and_the_same_metrics(
     together = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "b", train_run)
     assert [[s.guidance for s in g] for g in groups] == [[0.0, 1.0, 2.0]]
     runs = eval_runs(client, ctx)
-    assert sorted(r.info.run_name for r in runs) == sorted(c.name for c in plan.cells)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"eval {c.label}" for c in plan.cells)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert together.keys() == alone.keys()
     for key, value in alone.items():

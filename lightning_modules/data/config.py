@@ -41,6 +41,34 @@ class DataConfig:
     n_val: int = 2048
 
 
+# The keys each dataset reads beside `name` (its `from_config`): what its runs record, so that a
+# digits run shows no `image_size` and a CIFAR-10 run no `n_modes`.
+DATASET_KEYS: dict[str, tuple[str, ...]] = {
+    "digits": ("batch_size", "num_workers", "val_fraction", "seed"),
+    "cifar10": ("path", "batch_size", "num_workers", "hflip"),
+    "mnist": ("path", "batch_size", "num_workers"),
+    "image_folder": (
+        "path",
+        "image_size",
+        "channels",
+        "batch_size",
+        "num_workers",
+        "val_fraction",
+        "seed",
+        "hflip",
+    ),  # fmt: skip
+    "gaussian_mixture": (
+        "n_modes",
+        "radius",
+        "std",
+        "n_train",
+        "n_val",
+        "batch_size",
+        "num_workers",
+        "seed",
+    ),  # fmt: skip
+}
+
 # (key, predicate, what was expected); checked in order by `check_data_config`.
 _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("batch_size", lambda v: v >= 1, "an integer >= 1"),

@@ -124,7 +124,7 @@ def classifier_accuracy(model: EvalClassifier, x: Tensor, y: Tensor) -> float:
         return float("nan")
     model.eval()
     pred = batched_apply(model, x.float(), device=model_device(model)).argmax(dim=1)
-    return (pred == y.to(pred.device)).float().mean().item()
+    return (pred == y.to(pred.device)).double().mean().item()
 
 
 @contextlib.contextmanager

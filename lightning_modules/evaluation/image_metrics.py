@@ -99,7 +99,7 @@ def guided_accuracy(
     classifier.eval()
     device = model_device(classifier)
     pred = batched_apply(classifier, samples.float(), batch_size, device).argmax(dim=1)
-    return (pred == requested_labels.to(pred.device)).float().mean().item()
+    return (pred == requested_labels.to(pred.device)).double().mean().item()
 
 
 def kth_nn_radii(features: Tensor, k: int = 3, chunk_size: int = 1024) -> Tensor:
@@ -122,7 +122,7 @@ def fraction_in_manifold(
         (torch.cdist(chunk, support) <= radii[None, :]).any(dim=1)
         for chunk in queries.split(chunk_size)
     ]
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside).double().mean().item()
 
 
 def precision_recall(

@@ -114,7 +114,7 @@ def fraction_of_modes_hit(samples: Tensor, truth: MixtureTruth, k: float = 3.0) 
 def label_accuracy(samples: Tensor, requested_labels: Tensor, truth: MixtureTruth) -> float:
     """Fraction of samples whose nearest mode is the requested one."""
     hit = _nearest_mode(samples, truth) == requested_labels.to(samples.device)
-    return hit.float().mean().item()
+    return hit.double().mean().item()
 
 
 def _true_reference(
