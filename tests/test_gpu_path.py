@@ -54,6 +54,32 @@ def test_the_ema_copy_follows_the_module_to_its_device():
     assert ema.average_model.n_averaged.device.type == "meta"
 
 
+def test_the_ema_update_reads_nothing_back_and_matches_torchs_ema():
+    """torch's AveragedModel.update_parameters reads its device counter every call; the EMA
+    here counts on the host, and averages exactly as torch's EMA does."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    module = tiny_unet_module()
+    ema = EMA(0.9)
+    ema.setup(None, module, "fit")
+    reference = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema.on_fit_start(None, module)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(module)
+        reference.update_parameters(module)
+    for a, b in zip(ema.average_model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+    assert int(ema.average_model.n_averaged) == 3
+    module.to("meta")  # on the "GPU": an update that read the counter back would raise
+    ema.on_fit_start(None, module)
+    ema.update(module)
+    ema.update(module)
+    assert ema.average_model.n_averaged.device.type == "meta"
+
+
 @pytest.mark.parametrize("timestep_sampling", ["uniform", "importance"])
 def test_a_training_step_reads_nothing_back_from_the_device(timestep_sampling):
     module = tiny_unet_module(**{"diffusion.timestep_sampling": timestep_sampling})
