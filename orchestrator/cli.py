@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     run.add_argument("--storage-path", help="Ray Tune storage path (default: ./ddpm_sweep_runs)")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also Tune's status tables and every worker's output (they always go to log files)",
+    )
     run.set_defaults(func=_run_sweep)
 
     resume = sub.add_parser(
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("directory", help="e.g. ddpm_sweep_runs/quickstart")
     resume.add_argument("--address", help="Ray cluster address (default: as the sweep ran)")
+    resume.add_argument(
+        "--verbose", action="store_true", help="also Tune's status tables and workers' output"
+    )
     resume.set_defaults(func=_run_resume)
 
     report = sub.add_parser(
@@ -153,17 +161,16 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_resume(args: argparse.Namespace) -> int:
     from .sweep import resume_sweep
 
-    return _print_summary(resume_sweep(args.directory, address=args.address))
+    return _print_summary(resume_sweep(args.directory, address=args.address, verbose=args.verbose))
 
 
 def _print_summary(summary: dict) -> int:
     best = summary.get("best")
     if best:
         metric = next((k for k in ("fid", "sliced_wasserstein") if k in best), None)
-        settings = ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
         print(
-            f"best: {best['eval_run']} ({metric} {best.get(metric)}) with {settings}; "
-            f"registered as model {best['registered_model']!r} version {best['version']}"
+            f"best: {best['eval_run']} ({metric} {best.get(metric):.4g}); registered as model "
+            f"{best['registered_model']!r} version {best['version']}"
         )
     print(
         f"compute: {summary['cpu_hours']:.3f} CPU-hours, {summary['gpu_hours']:.3f} GPU-hours "
@@ -206,6 +213,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         address=args.address,
         storage_path=args.storage_path,
         overrides=args.overrides,
+        verbose=args.verbose,
     )
     code = _print_summary(summary)
     from .report import write_report

@@ -71,12 +71,13 @@ def read_text(location: str, name: str) -> str | None:
         return src.read().decode()
 
 
-def connect(address: str | None) -> None:
-    """A local Ray started in-process (address None), or an existing cluster."""
+def connect(address: str | None, log_to_driver: bool = True) -> None:
+    """A local Ray started in-process (address None), or an existing cluster. Workers' output
+    goes to Ray's log files, and to this console too when ``log_to_driver``."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
 
 
 def _read_probe(path: str) -> tuple[str | None, str]:

@@ -114,7 +114,15 @@ def sweep_note(plan: Plan, best: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-BEST_FIELDS = ("eval_run", "eval_run_id", "train_run_id", "params", "registered_model", "version")
+BEST_FIELDS = (
+    "eval_run",
+    "eval_run_id",
+    "train_run_id",
+    "params",
+    "registered_model",
+    "version",
+    "model_uri",
+)
 
 
 def resolved_base(sweep: Sweep) -> str:
@@ -175,8 +183,12 @@ def _trainable(plan: Plan, ctx: TrialContext, trainable=train_and_evaluate):
     )
 
 
-def _tuner(plan: Plan, ctx: TrialContext, location: str, trainable=train_and_evaluate):
+def _tuner(
+    plan: Plan, ctx: TrialContext, location: str, trainable=train_and_evaluate, verbose=False
+):
     from ray import tune
+
+    from .progress import SweepProgress
 
     sweep, t = plan.sweep, plan.tune
     return tune.Tuner(
@@ -198,17 +210,30 @@ def _tuner(plan: Plan, ctx: TrialContext, location: str, trainable=train_and_eva
             # Two, not one: a driver killed between deleting the older checkpoint and
             # snapshotting the experiment state must still find the one the state names.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=1,
+            verbose=1 if verbose else 0,  # Tune's status tables: --verbose
+            callbacks=[
+                SweepProgress(
+                    trainings=plan.costs.trainings,
+                    cells=plan.costs.cells,
+                    tracking_uri=ctx.tracking_uri,
+                    experiment_id=ctx.experiment_id,
+                    parent_run_id=ctx.parent_run_id,
+                )
+            ],
         ),
     )
 
 
-def _connect(plan: Plan, address: str | None, storage_path: str | None) -> None:
+def _connect(plan: Plan, address: str | None, storage_path: str | None, verbose=False) -> None:
     """Start or join Ray; refuse a trial no node can host, and (on a cluster) a storage path
-    some node cannot see."""
+    some node cannot see. Workers' output reaches this console only when ``verbose``."""
     import ray
 
-    connect(address)
+    if not verbose:
+        from .progress import quiet_console
+
+        quiet_console()
+    connect(address, log_to_driver=verbose)
     check_cluster(plan, [n for n in ray.nodes() if n["Alive"]])
     if address is not None:
         check_storage_visible(storage_path)
@@ -222,14 +247,16 @@ def run_sweep(
     storage_path: str | None = None,
     overrides: list[str] = (),
     trainable=train_and_evaluate,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the plan's trials on Ray Tune, recorded in MLflow; the summary. ``trainable``: the
     function each trial runs, ``train_and_evaluate`` (a seam for tools that wrap it, e.g. the
-    benchmarks, which time it from the outside)."""
+    benchmarks, which time it from the outside). ``verbose``: Tune's status tables and the
+    workers' output on this console, beside the progress line."""
     sweep = plan.sweep
     location = experiment_location(storage_path, sweep.name)
     # Before anything is recorded: a refused sweep leaves no run.
-    _connect(plan, address, storage_path)
+    _connect(plan, address, storage_path, verbose)
     experiment_id, parent_run_id = open_parent_run(plan, tracking_uri)
     state = {
         "sweep_file": str(Path(sweep.source).resolve()),
@@ -245,7 +272,7 @@ def run_sweep(
     client = mlflow.MlflowClient(tracking_uri)
     start = time.time()
     try:
-        tuner = _tuner(plan, ctx, location, trainable)
+        tuner = _tuner(plan, ctx, location, trainable, verbose)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
@@ -266,7 +293,9 @@ def _finish(client, results, plan: Plan, experiment_id, parent_run_id, start) ->
     return summary
 
 
-def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[str, Any]:
+def resume_sweep(
+    directory: str | Path, *, address: str | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Continue a killed sweep from its Tune experiment directory: finished trials are kept,
     unfinished and errored ones resume from their last checkpoint, the same parent run is used."""
     from ray import tune
@@ -284,7 +313,7 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
     plan = build_plan(
         state["sweep_file"], state["overrides"], state["name"], local_data=address is None
     )
-    _connect(plan, address, location.rsplit("/", 1)[0])
+    _connect(plan, address, location.rsplit("/", 1)[0], verbose)
     client = mlflow.MlflowClient(state["tracking_uri"])
     client.update_run(state["parent_run_id"], status="RUNNING")
     ctx = TrialContext(plan, state["tracking_uri"], state["experiment_id"], state["parent_run_id"])
@@ -300,7 +329,7 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
                 "(same MLflow parent run)",
                 location,
             )
-            tuner = _tuner(plan, ctx, location)
+            tuner = _tuner(plan, ctx, location, verbose=verbose)
         results = tuner.fit()
     except BaseException:
         client.set_terminated(state["parent_run_id"], "FAILED")
@@ -311,6 +340,7 @@ def resume_sweep(directory: str | Path, *, address: str | None = None) -> dict[s
 def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | None:
     """Log the best pair's checkpoint to the parent run (`best/`) and register it as a new
     version of the registered model named after the sweep."""
+    from .model import log_sampler_model, register_best
     from .report import quality_metric, rank_evals, sweep_runs
 
     _, children = sweep_runs(client, sweep.name, parent_run_id)
@@ -320,6 +350,8 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
     best = rank_evals(evals)[0]
     quality, _ = quality_metric(evals)
     train_run_id = best.data.tags["ddpm_sweep.train_run_id"]
+    cell = {k: v for k, v in best.data.params.items() if k.startswith("sample.")}
+    score = best.data.metrics.get(quality)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = mlflow.artifacts.download_artifacts(
             run_id=train_run_id,
@@ -328,21 +360,35 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
             tracking_uri=client.tracking_uri,
         )
         client.log_artifact(parent_run_id, ckpt, "best")
-    try:
-        client.create_registered_model(sweep.name, description=f"best model of sweep {sweep.name}")
-    except mlflow.exceptions.MlflowException:
-        pass  # registered by an earlier sweep of the same name: add a version
-    cell = {k: best.data.params[k] for k in ("sample.variance", "sample.guidance", "sample.steps")}
-    version = client.create_model_version(
+        # A pyfunc model: mlflow.pyfunc.load_model(...).predict(labels, guidance) samples.
+        info = log_sampler_model(
+            ckpt,
+            name=sweep.name,
+            cell=cell,
+            run_id=train_run_id,
+            eval_run_id=best.info.run_id,
+            tracking_uri=client.tracking_uri,
+            metadata={
+                "sweep": sweep.name,
+                "parent_run_id": parent_run_id,
+                "eval_run": best.info.run_name,
+                "quality": quality,
+                quality: score,
+            },
+            tags={"ddpm_sweep.sweep": sweep.name, "ddpm_sweep.parent_run_id": parent_run_id},
+        )
+    version = register_best(
+        client,
+        info,
         sweep.name,
-        source=f"runs:/{train_run_id}/checkpoints/last.ckpt",
-        run_id=train_run_id,
         tags={
             "ddpm_sweep.parent_run_id": parent_run_id,
-            **cell,
-            quality: str(best.data.metrics.get(quality)),
+            "ddpm_sweep.eval_run_id": best.info.run_id,
+            **{k: cell[k] for k in ("sample.variance", "sample.guidance", "sample.steps")},
+            quality: str(score),
         },
         description=f"best {quality} of sweep {sweep.name}: {best.info.run_name}",
+        registered_description=f"best model of sweep {sweep.name}",
     )
     return {
         "eval_run": best.info.run_name,
@@ -356,6 +402,7 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
         },
         "registered_model": sweep.name,
         "version": version.version,
+        "model_uri": info.model_uri,
     }
 
 

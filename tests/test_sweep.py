@@ -157,6 +157,11 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     # The plan, printed before anything runs (what `ddpm-sweep plan` prints).
     assert "trainings: 2" in out.stdout and "sampling cells per training: 6" in out.stdout
     assert "evaluated pairs: 12" in out.stdout
+    # One progress line, a short summary; Tune's tables and the workers' chatter stay in the
+    # log files (--verbose brings them back: the nan test below).
+    assert "trainings 2/2 · cells 12/12 · best sliced_wasserstein" in out.stdout
+    assert "Trial status" not in out.stdout
+    assert "litlogger" not in out.stdout + out.stderr
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], max_results=100)
     roles = Counter(r.data.tags["ddpm_sweep.role"] for r in runs)
@@ -181,6 +186,15 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         assert phases["time/mlflow_s"] > 0 and phases["time/checkpoint_s"] > 0
     (version,) = client.search_model_versions("name = 'e2e'")
     assert version.tags["ddpm_sweep.parent_run_id"] == parent.info.run_id
+    # The best model is a real MLflow model: it loads and samples labels at guidance weights.
+    import pandas as pd
+
+    from orchestrator.model import use_tracking_uri
+
+    with use_tracking_uri(client.tracking_uri):
+        sampler = mlflow.pyfunc.load_model(f"models:/e2e/{version.version}")
+    points = sampler.predict(pd.DataFrame({"label": [0, 3], "guidance": [0.0, 3.0]}))
+    assert points.shape == (2, 2)
     assert "best: eval " in out.stdout and "CPU-hours" in out.stdout
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {
@@ -290,10 +304,13 @@ def test_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
         "tune.max_failures=0",
         "--name",
         "nan",
+        "--verbose",
         cwd=tmp_path,
     )
     assert out.returncode == 1, out.stderr[-3000:]  # one trial errored
     assert "1 trial(s) errored" in out.stdout
+    assert "Trial status" in out.stdout  # --verbose: Tune's tables too
+    assert "trainings 2/2 (1 failed)" in out.stdout
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     trains = {
