@@ -262,3 +262,25 @@ def test_networks_import_no_orchestration_packages():
                 )
                 roots = {name.split(".")[0] for name in names}
                 assert not roots & {"ray", "mlflow", "orchestrator"}, path.name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model_channels": 8, "channel_mult": (1, 2)}])
+def test_every_resblock_hears_the_timestep_and_the_label(overrides):
+    """A ResBlock adds the (time + class) embedding per channel just before a GroupNorm: with
+    one channel per group the norm removed it, and the digits preset's 32-channel blocks
+    ignored t and y. Every block's output must depend on the embedding."""
+    from lightning_modules.networks.unet import ResBlock
+
+    torch.manual_seed(0)
+    net = UNet(unet_preset("digits", num_classes=10, **overrides)).eval()  # no dropout
+    with torch.no_grad():
+        for p in net.parameters():  # zero-initialised output convs would hide everything
+            p.normal_(0, 0.2)
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert blocks
+    for block in blocks:
+        c_in = block.in_layers[2].in_channels
+        x = torch.randn(2, c_in, 4, 4)
+        emb_dim = block.emb_proj[1].in_features
+        a, b = block(x, torch.randn(2, emb_dim)), block(x, torch.randn(2, emb_dim))
+        assert (a - b).abs().max() > 1e-3, f"a block of {block.out_norm.num_channels} channels"

@@ -137,8 +137,11 @@ def unet_preset(name: str, **overrides: object) -> UNetConfig:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest count <= 32 that divides ``channels``."""
-    groups = max(g for g in range(1, 33) if channels % g == 0)
+    """GroupNorm with 32 groups (DDPM's 4 channels per group at 128 channels), fewer where
+    ``channels`` is small: the largest count <= 32 that divides ``channels`` and leaves at least
+    4 channels per group. A group of one channel would normalise away the per-channel embedding
+    a ResBlock adds just before its norm: those blocks would ignore the timestep and the label."""
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
     return nn.GroupNorm(groups, channels)
 
 
