@@ -358,12 +358,14 @@ def _evaluate_into_runs(
     return measured
 
 
-GRID_ARTIFACT = "samples/grid.png"  # one name in every eval run: the compare page pairs them
+# One name, at the artifact root, in every eval run: MLflow's compare page lists the files that
+# the runs' artifact roots have in common (not folders) and shows them side by side.
+GRID_ARTIFACT = "grid.png"
 
 
 def log_grid(client, run_id: str, png: Path) -> None:
     """The cell's sample grid under the artifact name every eval run shares."""
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / Path(GRID_ARTIFACT).name
+        target = Path(tmp) / GRID_ARTIFACT
         shutil.copyfile(png, target)
-        client.log_artifact(run_id, str(target), str(Path(GRID_ARTIFACT).parent))
+        client.log_artifact(run_id, str(target))
