@@ -313,25 +313,13 @@ def _evaluate_into_runs(
     """Sample and measure cells drawn together, each into its MLflow run: a new one, or the
     unfinished run of an earlier attempt (whose metrics are not logged twice). Every run is
     open before sampling starts, and FINISHED comes last."""
-    runs: list[tuple[str, set[str]]] = []
-    for cell in cells:
-        run = earlier.get(cell.key)
-        params = eval_params(cfg, labels.params, cell.params())
-        if run is None:
-            tags = {
-                "ddpm_sweep.train_run_id": train_run_id,
-                "ddpm_sweep.pid": str(os.getpid()),
-                CELL_TAG: cell.key,
-            }
-            name = run_name("eval", labels.training, cell.label)
-            runs.append((_create_run(client, ctx, name, "eval", params, tags), set()))
-            continue
-        run_id = run.info.run_id  # interrupted half-way: redo it in the same run
-        client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
-        client.update_run(run_id, status="RUNNING")
-        log_missing_params(client, run_id, params, run.data.params)
-        log.info("redoing the interrupted evaluation %r in run %s", cell.label, run_id)
-        runs.append((run_id, set(run.data.metrics)))
+    runs = [
+        open_cell_run(
+            client, ctx, cell, eval_params(cfg, labels.params, cell.params()),
+            train_run_id, labels.training, earlier.get(cell.key),
+        )
+        for cell in cells
+    ]  # fmt: skip
     evaluated = evaluate_group(
         result.module,
         result.datamodule,
@@ -346,16 +334,42 @@ def _evaluate_into_runs(
     measured = {}
     for cell, (run_id, have), cell_result in zip(cells, runs, evaluated):
         metrics = cell_result.logged_metrics()
-        now = int(time.time() * 1000)
-        # Step 0: an evaluation is one point per run, and the chart view plots runs against
-        # each other at one step (the training step is a param of the training run).
-        fresh = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in have]
-        if fresh:
-            client.log_batch(run_id, metrics=fresh)
-        log_grid(client, run_id, cell_result.image)
-        client.set_terminated(run_id, "FINISHED")
+        finish_cell_run(client, run_id, have, metrics, cell_result.image)
         measured[cell.key] = metrics
     return measured
+
+
+def open_cell_run(
+    client, ctx, cell: Cell, params: dict, train_run_id: str, training_label: str, run=None
+) -> tuple[str, set[str]]:
+    """(run id, metrics it already has): a new eval run for the cell, or ``run``, the one an
+    interrupted attempt left unfinished, re-opened with the params it lacks."""
+    if run is None:
+        tags = {
+            "ddpm_sweep.train_run_id": train_run_id,
+            "ddpm_sweep.pid": str(os.getpid()),
+            CELL_TAG: cell.key,
+        }
+        name = run_name("eval", training_label, cell.label)
+        return _create_run(client, ctx, name, "eval", params, tags), set()
+    run_id = run.info.run_id  # interrupted half-way: redo it in the same run
+    client.set_tag(run_id, "ddpm_sweep.pid", str(os.getpid()))
+    client.update_run(run_id, status="RUNNING")
+    log_missing_params(client, run_id, params, run.data.params)
+    log.info("redoing the interrupted evaluation %r in run %s", cell.label, run_id)
+    return run_id, set(run.data.metrics)
+
+
+def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, png: Path) -> None:
+    """The cell's metrics (those the run lacks), its grid, then FINISHED."""
+    now = int(time.time() * 1000)
+    # Step 0: an evaluation is one point per run, and the chart view plots runs against each
+    # other at one step (the training step is a param of the training run).
+    fresh = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in have]
+    if fresh:
+        client.log_batch(run_id, metrics=fresh)
+    log_grid(client, run_id, png)
+    client.set_terminated(run_id, "FINISHED")
 
 
 # One name, at the artifact root, in every eval run: MLflow's compare page lists the files that
