@@ -135,9 +135,8 @@ class Sizes:
     needs_s: dict = field(default_factory=dict)
 
 
-# A small U-Net on 8x8 images. 64 channels, not 32: `group_norm` gives <= 32 channels one
-# channel per group, and the embedding a ResBlock adds before that norm would then be removed
-# (an untrained net would ignore its labels, and guidance would change nothing).
+# A small U-Net on 8x8 images, wide enough that guidance visibly changes an untrained net's
+# output (`group_norm` keeps >= 4 channels per group, so every ResBlock hears t and y).
 _SMALL = dict(
     image_size=8,
     model_channels=64,
@@ -179,7 +178,7 @@ FULL = Sizes(
 )
 SMOKE = Sizes(
     timesteps=100,
-    # 16 channels with scale-shift conditioning (applied after the norm): labels still count
+    # 16 channels (4 groups of 4) with scale-shift conditioning: small, labels still count
     small_net=_SMALL | {"model_channels": 16, "num_heads": 1, "use_scale_shift_norm": True},
     small_shape=(3, 8, 8),
     option_steps=3,
