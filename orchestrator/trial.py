@@ -378,8 +378,13 @@ GRID_ARTIFACT = "grid.png"
 
 
 def log_grid(client, run_id: str, png: Path) -> None:
-    """The cell's sample grid under the artifact name every eval run shares."""
+    """The cell's sample grid under the artifact name every eval run shares, and as an MLflow
+    image (key `samples`, step 0), which the chart view's image grid shows run beside run."""
+    from PIL import Image
+
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / GRID_ARTIFACT
         shutil.copyfile(png, target)
         client.log_artifact(run_id, str(target))
+    with Image.open(png) as image:
+        client.log_image(run_id, image.convert("RGB"), key="samples", step=0, synchronous=True)

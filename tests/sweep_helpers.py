@@ -76,7 +76,7 @@ def assert_complete(
         if role == "eval":  # a FINISHED cell is a complete cell: params, metrics, PNG
             assert "sample.guidance" in r.data.params, r.info.run_name
             assert "sample_seconds" in r.data.metrics, r.info.run_name
-            assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["grid.png"], (
+            assert "grid.png" in [a.path for a in client.list_artifacts(r.info.run_id)], (
                 r.info.run_name
             )
         if role == "train":

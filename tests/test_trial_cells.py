@@ -112,7 +112,7 @@ def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_o
         assert (
             set(r.data.metrics) == set(runs[0].data.metrics) and "sample_seconds" in r.data.metrics
         )
-        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["grid.png"]
+        assert "grid.png" in [a.path for a in client.list_artifacts(r.info.run_id)]
     # The same seed and noise: the redone cells measure what the first attempt measured, and
     # the skipped cell's metrics still reach the trial's summary (Tune's final result).
     for key, value in first.items():
