@@ -233,7 +233,6 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
             m.step for k in r.data.metrics for m in client.get_metric_history(r.info.run_id, k)
         } == {0}
         assert "grid.png" in [a.path for a in client.list_artifacts(r.info.run_id)]
-        assert client.list_artifacts(r.info.run_id, "images")  # the chart view's image grid
     for r in runs:
         assert len(r.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
         assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"]
