@@ -139,18 +139,23 @@ def test_smoke_run_on_the_cpu_passes_its_checks_and_skips_the_cuda_ones(tmp_path
     assert "gpu_check on CPU" in proc.stdout  # the table
 
 
-def test_gpu_check_sh_with_no_budget_skips_the_heavy_sections(tmp_path):
-    """The wrapper (omegaconf is importable here, so it installs nothing) passes its arguments
-    on and writes to $OUT; a budget of 0 s skips every heavy section with a note."""
-    env = os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--smoke", "--budget-s", "0", "--no-require-cuda"],
+def gpu_check_sh(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_check.sh as the GPU machine runs it, smoke-sized, no time for heavy sections."""
+    env = os.environ | {"OUT": str(out), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--smoke", "--budget-s", "0", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_gpu_check_sh_with_no_budget_skips_the_heavy_sections(tmp_path):
+    """The wrapper (omegaconf is importable here, so it installs nothing) passes its arguments
+    on and writes to $OUT; a budget of 0 s skips every heavy section with a note."""
+    proc = gpu_check_sh(tmp_path, "--no-require-cuda")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = report["sections"]
@@ -163,15 +168,7 @@ def test_gpu_check_sh_with_no_budget_skips_the_heavy_sections(tmp_path):
 
 
 def test_gpu_check_sh_fails_when_cuda_is_required_but_unusable(tmp_path):
-    env = os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--smoke", "--budget-s", "0"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = gpu_check_sh(tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     cuda = [c for c in report["checks"] if c["name"] == "cuda_usable"]
