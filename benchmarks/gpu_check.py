@@ -1258,7 +1258,11 @@ def section_grouping(ctx: Context) -> dict:
     ctx.report.check(
         "grouping",
         "grouped_equals_alone",
-        diff < (5e-2 if module.sampling_dtype("auto") == torch.bfloat16 else 1e-4),
+        # Equal up to floating-point reassociation: a batch of another size may take other
+        # kernels, and a few ulps per step grow over the chain of an untrained net (the CI
+        # rehearsal saw > 1e-4 in fp32 on a CPU). Drawing with the wrong noise would differ
+        # by O(1), which these bounds still catch.
+        diff < (5e-2 if module.sampling_dtype("auto") == torch.bfloat16 else 1e-2),
         "max |sample_many - sample| (equal up to reassociation; bf16 on CUDA)",
         value=diff,
         kind="info",

@@ -189,7 +189,7 @@ def test_guidance_weights_drawn_together_are_the_weights_drawn_alone():
             for s in specs
         ]
     for a, b in zip(together, alone):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # kernels may reassociate
     assert len(batched_calls) == 8  # one forward per step for all four weights
     assert len(calls) > len(batched_calls)
     assert max(batched_calls) == 2 * 4 * len(specs)  # [x; x] for every weight at once
