@@ -16,7 +16,7 @@ import warnings
 
 from ray import tune
 
-from .report import QUALITY_METRICS
+from .report import quality_metric, rank_evals
 
 # Library chatter a sweep's console does not need unless asked (`--verbose`).
 QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "mlflow", "alembic", "pytorch_lightning")
@@ -95,15 +95,11 @@ class SweepProgress(tune.Callback):
             "tags.`ddpm_sweep.role` = 'eval' and attributes.status = 'FINISHED'",
             max_results=50000,
         )
-        best = None
-        for metric, lower in QUALITY_METRICS:
-            scored = [r for r in runs if metric in r.data.metrics]
-            if scored:
-                sign = 1 if lower else -1
-                r = min(scored, key=lambda r: sign * r.data.metrics[metric])
-                best = (metric, r.data.metrics[metric], r.info.run_name)
-                break
-        return len(runs), best
+        if not runs:
+            return 0, None
+        metric, _ = quality_metric(runs)
+        top = rank_evals(runs)[0]  # as the summary and the registered model pick it
+        return len(runs), (metric, top.data.metrics[metric], top.info.run_name) if metric else None
 
     def line(self, trials: list) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)

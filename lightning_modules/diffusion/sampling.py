@@ -205,9 +205,10 @@ def _reverse_chain(
     if noise is not None and noise.shape != tuple(shape):
         raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
 
-    def draw(dtype=None) -> torch.Tensor:
-        kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        return torch.cat([torch.randn(shape, generator=g, **kw) for g in generators])
+    def draw(dtype: torch.dtype | None = None) -> torch.Tensor:  # None: the default dtype
+        return torch.cat(
+            [torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators]
+        )
 
     x = noise.repeat(k, *([1] * (noise.ndim - 1))) if noise is not None else draw()
     pred_channels = x.shape[1]
