@@ -10,9 +10,10 @@ from `orchestrator.sweep.open_parent_run`; each training, as its trial does, get
 `MlflowClient`, its training run (`trial._create_run`, role train, with the trial's tags and
 three `val/loss_simple` points), the look-up `evaluate_cells` does for earlier cell runs, and
 then, per cell, `open_cell_run` (the eval run: tags, params from `tracking.eval_params`) and
-`finish_cell_run` (five metrics at step 0 - fid, guided_accuracy, precision, recall,
-sample_seconds -, the cell's `grid.png`, a real 10x10 grid of 8x8 digits written by
-`save_sample_grid`, then FINISHED).
+`finish_cell_run` (21 metrics at step 0 - fid, guided_accuracy, precision, recall, each with
+its interval and noise floor, and sample_seconds -, the cell's `grid.png`, a real 10x10 grid of
+8x8 digits written by `save_sample_grid`, and its `bootstrap.json` of 200 replicates of each
+metric, then FINISHED).
 
 Figures per backend and N: per-cell tracking ms (open + finish: median, p95, mean; open and
 finish apart; each MLflow call's median; the median per tenth of the sweep, to see whether a
@@ -55,6 +56,7 @@ import torch
 from _common import REPO_ROOT
 from mlflow.entities import Metric, Param
 
+from lightning_modules.evaluate import EvalResult
 from lightning_modules.evaluation import save_sample_grid
 from orchestrator.plan import build_plan, run_name
 from orchestrator.report import sweep_runs, write_report
@@ -129,14 +131,27 @@ def digit_grids(folder: Path, count: int = 10) -> list[Path]:
     return paths
 
 
-def cell_metrics(rng: random.Random) -> dict[str, float]:
-    return {
+QUALITY = ("fid", "guided_accuracy", "precision", "recall")
+
+
+def cell_result(rng: random.Random, spec, png: Path, resamples: int = 200) -> EvalResult:
+    """A cell as evaluate_group returns it: its four quality metrics, each with its interval
+    and the real data's floor (mean, sd), its sampling seconds, its grid and 200 bootstrap
+    replicates of each metric."""
+    metrics = {
         "fid": 2.0 + 40.0 * rng.random(),
         "guided_accuracy": 0.1 + 0.9 * rng.random(),
         "precision": rng.random(),
         "recall": rng.random(),
-        "sample_seconds": 5.0 + 60.0 * rng.random(),
     }
+    for k, v in list(metrics.items()):
+        metrics |= {f"{k}_ci_low": 0.9 * v, f"{k}_ci_high": 1.1 * v}
+        metrics |= {f"{k}_floor": 0.5 * v, f"{k}_floor_sd": 0.1 * v}
+    replicates = {
+        k: torch.tensor([metrics[k] * (0.9 + 0.2 * rng.random()) for _ in range(resamples)])
+        for k in QUALITY
+    }
+    return EvalResult(spec, metrics, 5.0 + 60.0 * rng.random(), png, replicates=replicates)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -232,7 +247,8 @@ def record_sweep(uri: str, plan, pngs: list[Path], seed: int = 0) -> dict:
             b = time.perf_counter()
             run_id, have = open_cell_run(cell_client, ctx, cell, params, train_run, label)
             c = time.perf_counter()
-            finish_cell_run(cell_client, run_id, have, cell_metrics(rng), pngs[k % len(pngs)])
+            result = cell_result(rng, cell.spec, pngs[k % len(pngs)])
+            finish_cell_run(cell_client, run_id, have, result.logged_metrics(), result)
             d = time.perf_counter()
             params_ms.append(1000 * (b - a))
             open_ms.append(1000 * (c - b))

@@ -103,6 +103,10 @@ def sampling_specs(sample_cfg) -> list[SamplingSpec]:
 @dataclass
 class EvalConfig:
     num_samples: int = 500  # samples per (guidance, variance, steps) cell for the metrics
+    bootstrap: int = 200  # resamples for each metric's interval and the paired comparisons; 0 = off
+    confidence: float = 0.95  # of the intervals and of "within noise of the best"
+    floor_draws: int = 5  # real draws of num_samples scored like a cell: the noise floor; 0 = off
+    min_effect: float | None = None  # the smallest quality difference `plan` checks n can see
     classifier_seed: int = 0
     cache_dir: str | None = None  # default: $DDPM_SWEEP_CACHE or ~/.cache/ddpm-sweep
     inception_weights: str | None = None  # local Inception weights for a standard FID
@@ -246,7 +250,34 @@ def validate_config(cfg: DictConfig, where: str = "config", prefix: str = "") ->
     _expect(t.val_every_n_steps >= 1, where, "train.val_every_n_steps", t.val_every_n_steps, ">= 1")
     _expect(t.bpd_subset >= 0, where, "train.bpd_subset", t.bpd_subset, "an integer >= 0")
     validate_sample_config(s, d.timesteps, where, join_key(prefix, "sample"))
-    _expect(cfg.eval.num_samples >= 1, where, "eval.num_samples", cfg.eval.num_samples, ">= 1")
+    validate_eval_config(cfg.eval, where, join_key(prefix, "eval"))
+
+
+def validate_eval_config(e, where: str = "config", prefix: str = "eval") -> None:
+    _expect(e.num_samples >= 1, where, f"{prefix}.num_samples", e.num_samples, ">= 1")
+    _expect(
+        e.bootstrap == 0 or e.bootstrap >= 20,
+        where,
+        f"{prefix}.bootstrap",
+        e.bootstrap,
+        "0 (off) or an integer >= 20 (resamples; 200 is the default)",
+    )
+    _expect(0 < e.confidence < 1, where, f"{prefix}.confidence", e.confidence, "in (0, 1)")
+    _expect(e.floor_draws >= 0, where, f"{prefix}.floor_draws", e.floor_draws, "an integer >= 0")
+    _expect(
+        e.floor_draws != 1,
+        where,
+        f"{prefix}.floor_draws",
+        e.floor_draws,
+        "0 (off) or >= 2 (a spread needs two draws)",
+    )
+    _expect(
+        e.min_effect is None or e.min_effect > 0,
+        where,
+        f"{prefix}.min_effect",
+        e.min_effect,
+        "a number > 0, or null",
+    )
 
 
 def validate_sample_config(

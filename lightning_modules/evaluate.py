@@ -4,7 +4,9 @@ One cell is one :class:`SamplingSpec` (guidance weight, variance, steps, sampler
 cell gets a PNG (a grid with one row per class for images, a scatter plot for 2-D points) and,
 unless switched off, its metrics: FID,
 guided accuracy, precision and recall in the eval classifier's features for images; distances to
-the true distribution and mode coverage for 2-D points.
+the true distribution and mode coverage for 2-D points. Each metric comes with its bootstrap
+interval (`<metric>_ci_low`, `<metric>_ci_high`; evaluation/bootstrap.py) and the real data's
+own score at the same sample size (`<metric>_floor`, `<metric>_floor_sd`; :func:`noise_floor`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,13 +23,14 @@ from .config import sampling_specs
 from .diffusion import SamplingSpec, batch_key
 from .evaluation import (
     RealReference,
-    evaluate_images,
-    evaluate_points,
     grid_filename,
+    image_metrics,
     load_or_train_classifier,
+    point_metrics,
     save_points_plot,
     save_sample_grid,
 )
+from .evaluation.bootstrap import Resamples, with_intervals
 from .module import DiffusionModule
 from .train import trains_on_gpu
 
@@ -45,6 +48,12 @@ class EvalContext:
     truth: object | None = None
     inception_weights: str | None = None
     reference: RealReference | None = None  # the real images' side, once the first cell needs it
+    real_train: tuple | None = None  # the training split (x, y): the noise floor's real draws
+    bootstrap: int = 0  # resamples per cell (eval.bootstrap); 0: no intervals
+    floor_draws: int = 0  # real draws for the noise floor (eval.floor_draws); 0: none
+    confidence: float = 0.95
+    _resamples: dict = field(default_factory=dict, repr=False)
+    _floors: dict = field(default_factory=dict, repr=False)
 
     def real_reference(self) -> RealReference:
         """The real images' features and FID statistics, computed on first use and shared by
@@ -52,6 +61,41 @@ class EvalContext:
         if self.reference is None:
             self.reference = RealReference.from_images(self.real_x, self.classifier)
         return self.reference
+
+    def resamples(self, n: int, labels: torch.Tensor | None, seed: int) -> Resamples | None:
+        """The bootstrap's counts for cells of n samples drawn with ``seed``: the same for
+        every such cell (which pairs them), made once."""
+        if not self.bootstrap:
+            return None
+        key = (n, seed)
+        if key not in self._resamples:
+            self._resamples[key] = Resamples.draw(n, self.bootstrap, seed, labels)
+        return self._resamples[key]
+
+    def measure(
+        self, x: torch.Tensor, labels: torch.Tensor | None, resamples: Resamples | None = None
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """(metrics, bootstrap replicates) of one sample set."""
+        if self.kind == "points":
+            counts = None if resamples is None else resamples.samples
+            return point_metrics(x, labels, self.truth, counts=counts)
+        return image_metrics(
+            x,
+            labels,
+            self.real_x,
+            self.classifier,
+            inception_weights_path=self.inception_weights,
+            reference=self.real_reference(),
+            resamples=resamples,
+        )
+
+    def floor(self, labels: torch.Tensor | None, n: int) -> dict[str, float]:
+        """:func:`noise_floor` for samples of these labels, computed once per size."""
+        if not self.floor_draws:
+            return {}
+        if n not in self._floors:
+            self._floors[n] = noise_floor(self, labels, n, self.floor_draws)
+        return self._floors[n]
 
 
 def prepare_context(
@@ -62,6 +106,9 @@ def prepare_context(
     ctx = EvalContext(datamodule.kind, datamodule.num_classes)
     if not with_metrics:
         return ctx
+    ctx.bootstrap = eval_cfg.get("bootstrap", 0)
+    ctx.floor_draws = eval_cfg.get("floor_draws", 0)
+    ctx.confidence = eval_cfg.get("confidence", 0.95)
     if datamodule.kind == "points":
         ctx.truth = datamodule.truth
         return ctx
@@ -75,6 +122,7 @@ def prepare_context(
         eval_cfg.cache_dir,
     ).model.to(device)  # trained (or loaded) on the CPU
     ctx.real_x = datamodule.val_tensors()[0]
+    ctx.real_train = datamodule.train_tensors()
     ctx.inception_weights = eval_cfg.get("inception_weights")
     return ctx
 
@@ -93,17 +141,54 @@ def _grid_subset(x: torch.Tensor, num_classes: int, per_class: int) -> torch.Ten
     return x.reshape(num_classes, -1, *x.shape[1:])[:, :per_class].reshape(-1, *x.shape[1:])
 
 
-def _measure(ctx: EvalContext, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+FLOOR_SEED = 1000  # the real draws of the noise floor: seeds 1000, 1001, ...
+
+
+def noise_floor(
+    ctx: EvalContext, labels: torch.Tensor | None, n: int, draws: int
+) -> dict[str, float]:
+    """What real data of the cell's size scores, measured as a cell is: ``<metric>_floor`` (the
+    mean over ``draws`` independent draws) and ``<metric>_floor_sd`` (their spread).
+
+    The floor is the metric's own bias at this n (a perfect model scores about this, not 0) and
+    the sd its noise: cells whose difference is within a few sd of each other cannot be told
+    apart at this n. Images: real training images with the cell's labels (class for class),
+    against the validation images the cells are scored against; 2-D points: fresh draws from
+    the true distribution."""
+    runs: dict[str, list[float]] = {}
+    for r in range(draws):
+        generator = torch.Generator().manual_seed(FLOOR_SEED + r)
+        x = _real_draw(ctx, labels, n, generator)
+        for key, value in ctx.measure(x, labels)[0].items():
+            if not key.startswith(("mode_coverage_class_", "fid_inception")):
+                runs.setdefault(key, []).append(value)
+    out = {}
+    for key, values in runs.items():
+        v = torch.tensor(values, dtype=torch.float64)
+        out[f"{key}_floor"], out[f"{key}_floor_sd"] = v.mean().item(), v.std().item()
+    return out
+
+
+def _real_draw(ctx: EvalContext, labels, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n real samples with ``labels`` (any, without labels): the truth's for 2-D points, the
+    training split's for images (without replacement, where a class has enough)."""
     if ctx.kind == "points":
-        return evaluate_points(x, labels, ctx.truth)
-    return evaluate_images(
-        x,
-        labels,
-        ctx.real_x,
-        ctx.classifier,
-        inception_weights_path=ctx.inception_weights,
-        reference=ctx.real_reference(),
-    )
+        return ctx.truth.sample(n, labels=labels, generator=generator)[0]
+    train_x, train_y = ctx.real_train
+    if labels is None:
+        return train_x[_pick(len(train_x), n, generator)]
+    out = torch.empty(len(labels), *train_x.shape[1:], dtype=train_x.dtype)
+    for c in labels.unique().tolist():
+        where = (labels == c).nonzero().flatten()
+        pool = (train_y == c).nonzero().flatten()
+        out[where] = train_x[pool[_pick(len(pool), len(where), generator)]]
+    return out
+
+
+def _pick(pool: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    if k <= pool:
+        return torch.randperm(pool, generator=generator)[:k]
+    return torch.randint(pool, (k,), generator=generator)
 
 
 def sampling_device(cfg) -> torch.device:
@@ -136,13 +221,25 @@ def guidance_groups(
 
 @dataclass
 class EvalResult:
-    """One evaluated cell: its settings, its quality metrics, its sampling time and its PNG."""
+    """One evaluated cell: its settings, its quality metrics (with their intervals and the
+    real data's floor), its sampling time and its PNG, and its metrics' bootstrap replicates."""
 
     spec: SamplingSpec
     metrics: dict[str, float]  # quality metrics (empty without metrics)
     sample_seconds: float  # sampling this cell alone, wall-clock
     image: Path
     measure_seconds: float = 0.0  # computing its metrics, wall-clock (not logged)
+    replicates: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (B,)
+
+    def replicates_json(self) -> dict:
+        """The replicates as a cell logs them (``bootstrap.json``): a later comparison with
+        another cell of the same seed pairs them replicate for replicate."""
+        first = next(iter(self.replicates.values()), torch.empty(0))
+        return {
+            "resamples": len(first),
+            "seed": self.spec.seed,
+            "metrics": {k: [round(float(x), 8) for x in v] for k, v in self.replicates.items()},
+        }
 
     def logged_metrics(self) -> dict[str, float]:
         """What a run logs for the cell: its metrics and its sampling time."""
@@ -204,8 +301,13 @@ def _measure_cell(ctx, datamodule, spec, x, labels, per_class, out_dir, seconds,
         sub = _grid_subset(x, ctx.num_classes, per_class)
         save_sample_grid(sub, png, nrow=per_class)
     start = time.perf_counter()
-    metrics = {k: float(v) for k, v in _measure(ctx, x, labels).items()} if with_metrics else {}
-    result = EvalResult(spec, metrics, seconds, png, time.perf_counter() - start)
+    metrics, replicates = {}, {}
+    if with_metrics:
+        metrics, replicates = ctx.measure(x, labels, ctx.resamples(len(x), labels, spec.seed))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = with_intervals(metrics, replicates, ctx.confidence)
+        metrics |= ctx.floor(labels, len(x))
+    result = EvalResult(spec, metrics, seconds, png, time.perf_counter() - start, replicates)
     log.info("evaluated %s", {k: v for k, v in result.as_dict().items() if k != "image"})
     return result
 

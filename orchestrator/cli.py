@@ -165,13 +165,15 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> int:
+    from .sweep import best_text
+
     best = summary.get("best")
     if best:
-        metric = next((k for k in ("fid", "sliced_wasserstein") if k in best), None)
         print(
-            f"best: {best['eval_run']} ({metric} {best.get(metric):.4g}); registered as model "
+            f"best: {best['eval_run']} ({best_text(best)}); registered as model "
             f"{best['registered_model']!r} version {best['version']}"
         )
+        print(best["comparison"])
     print(
         f"compute: {summary['cpu_hours']:.3f} CPU-hours, {summary['gpu_hours']:.3f} GPU-hours "
         f"in {summary['trial_seconds']:.0f} trial-seconds"
@@ -191,8 +193,21 @@ def _build_plan(args: argparse.Namespace):
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    print(_build_plan(args).table())
+    plan = _build_plan(args)
+    print(plan.table())
+    _print_noise(plan, args)
     return 0
+
+
+def _print_noise(plan, args: argparse.Namespace) -> None:
+    """What eval.num_samples can tell apart (orchestrator/noise.py), where the data is here."""
+    if args.address is not None:
+        return  # the dataset's files are on the cluster's nodes
+    from .noise import noise_check
+
+    check = noise_check(plan)
+    for line in check.lines() if check else []:
+        print(line)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -203,6 +218,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     plan = _build_plan(args)  # all validation, before Ray
     sweep = plan.sweep
     print(plan.table())
+    _print_noise(plan, args)
     print(
         f"Tune state: {experiment_location(args.storage_path, sweep.name)} "
         "(continue a killed sweep with `ddpm-sweep resume` on it)"

@@ -16,7 +16,8 @@ import warnings
 
 from ray import tune
 
-from .report import quality_metric, rank_evals
+from .compare import compare
+from .report import quality_metric
 
 # Library chatter a sweep's console does not need unless asked (`--verbose`).
 QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "mlflow", "alembic", "pytorch_lightning")
@@ -97,9 +98,13 @@ class SweepProgress(tune.Callback):
         )
         if not runs:
             return 0, None
-        metric, _ = quality_metric(runs)
-        top = rank_evals(runs)[0]  # as the summary and the registered model pick it
-        return len(runs), (metric, top.data.metrics[metric], top.info.run_name) if metric else None
+        metric, lower = quality_metric(runs)
+        if metric is None:
+            return len(runs), None
+        # As the summary and the registered model pick it (replicates averaged), without
+        # reading the runs' bootstrap replicates each time the line is drawn.
+        top = compare(runs, metric, lower, lambda run: None).best
+        return len(runs), (metric, top.mean, top.best_run.info.run_name)
 
     def line(self, trials: list) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)

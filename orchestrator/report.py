@@ -1,7 +1,13 @@
 """`ddpm-sweep report SWEEP`: read a sweep back from MLflow and write a report a researcher reads.
 
-- a Markdown summary with the best configurations (by the sample-quality metric),
+- a Markdown summary with the best configurations (by the sample-quality metric), each with its
+  interval, its difference from the best and whether that is within noise (a paired bootstrap,
+  orchestrator/compare.py; replicates of one configuration, seeds, grouped: mean, sd, n), and
+  the real data's own score at the cells' sample size (the metric's noise floor),
 - `quality_vs_guidance.png` and `accuracy_vs_guidance.png`: one line per schedule × variance,
+  with the intervals as error bars and the noise floor as a grey band,
+- `quality_vs_accuracy.png`: the guidance trade-off, quality against guided accuracy along the
+  guidance weights, one line per training and sampling setting,
 - `quality_vs_steps.png`: the quality metric against sampling steps, one line per variance,
 - `learning_curves.png`: val/loss_simple of every training run,
 - `report.html`: the same, self-contained (inline CSS, the plots as `data:` URIs, no JavaScript)
@@ -23,6 +29,15 @@ from urllib.parse import quote
 import mlflow
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .compare import (
+    REPLICATE_KEYS,
+    Comparison,
+    Configuration,
+    artifact_loader,
+    compare,
+    config_key,
+)
 
 # (metric, lower is better) in order of preference: images have FID, 2-D data the distances.
 QUALITY_METRICS = (("fid", True), ("sliced_wasserstein", True))
@@ -54,11 +69,23 @@ def quality_metric(evals) -> tuple[str | None, bool]:
     return next(((m, lo) for m, lo in QUALITY_METRICS if m in evals[0].data.metrics), (None, True))
 
 
-def rank_evals(evals) -> list:
-    """Evaluated pairs, best sample quality first (failed or stopped trials have none)."""
-    quality, lower = quality_metric(evals)
-    sign = 1 if lower else -1
-    return sorted(evals, key=lambda r: sign * r.data.metrics.get(quality, sign * math.inf))
+def compare_evals(client, evals, metric: str | None, lower: bool) -> Comparison:
+    """The sweep's configurations compared with its best (orchestrator/compare.py), at the
+    confidence the runs were evaluated with (`eval.confidence`)."""
+    confidence = float(evals[0].data.params.get("eval.confidence", 0.95)) if evals else 0.95
+    return compare(evals, metric or "", lower, artifact_loader(client), confidence)
+
+
+def comparison_of(comparison: Comparison, evals, metric: str, lower: bool) -> list:
+    """The configurations by ``metric``: those of ``comparison`` when it is by that metric,
+    else grouped again (means and logged intervals; no replicates read)."""
+    if comparison.metric == metric:
+        return comparison.configurations
+    return compare(evals, metric, lower, lambda run: None, comparison.confidence).configurations
+
+
+def _band(floor) -> tuple[float, float] | None:
+    return floor[:2] if floor else None
 
 
 def _axes_that_vary(runs, prefix_exclude=("sample.",)) -> list[str]:
@@ -71,13 +98,43 @@ def _axes_that_vary(runs, prefix_exclude=("sample.",)) -> list[str]:
     return vary
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, lines: dict, logx=False) -> Path:
+def noise_floor(evals, metric: str | None) -> tuple[float, float, int] | None:
+    """(mean, sd, n) of what real data of the cells' size scores (`<metric>_floor`, logged by
+    every eval run); None if the runs carry none. Cells of different sizes: the largest n's."""
+    if metric is None:
+        return None
+    by_n: dict[int, tuple[float, float]] = {}
+    for r in evals:
+        m = r.data.metrics
+        if f"{metric}_floor" in m:
+            n = int(r.data.params.get("eval.num_samples", 0))
+            by_n[n] = (m[f"{metric}_floor"], m.get(f"{metric}_floor_sd", math.nan))
+    if not by_n:
+        return None
+    n = max(by_n)
+    return (*by_n[n], n)
+
+
+def _plot(
+    path: Path, title: str, xlabel: str, ylabel: str, lines: dict, logx=False, band=None
+) -> Path:
+    """One line per label through its points: (x, y) or (x, y, low, high), the interval drawn
+    as an error bar; ``band``: (mean, sd) of the real data's score, drawn as mean ± sd."""
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     for label, points in sorted(lines.items()):
         points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if all(len(p) == 4 and math.isfinite(p[2]) for p in points):
+            err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
+    if band and math.isfinite(band[0]):
+        mean, sd = band
+        ax.axhspan(mean - sd, mean + sd, color="0.85", zorder=0)
+        ax.axhline(mean, color="0.5", lw=1, ls="--", label="real data (mean ± sd)")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logx:
         ax.set_xscale("log")
@@ -103,6 +160,22 @@ def run_href(experiment_id: str, run_id: str, ui_url: str | None = None) -> str:
 def _fmt(metrics: dict, key: str) -> str:
     value = metrics.get(key)
     return "" if value is None else f"{value:.4g}"
+
+
+def value_text(c: Configuration) -> str:
+    """`1.37 [1.10, 1.72]`: the value (a configuration's mean) and its interval."""
+    if math.isnan(c.ci_low):
+        return f"{c.mean:.4g}"
+    return f"{c.mean:.4g} [{c.ci_low:.3g}, {c.ci_high:.3g}]"
+
+
+def _diff_text(c: Configuration) -> str:
+    """`+0.031 [-0.12, +0.19]`: the difference from the best and its paired interval."""
+    if c.verdict == "best" or math.isnan(c.diff):
+        return ""
+    if math.isnan(c.diff_low):
+        return f"{c.diff:+.3g}"
+    return f"{c.diff:+.3g} [{c.diff_low:+.3g}, {c.diff_high:+.3g}]"
 
 
 def _md_cell(text: str) -> str:
@@ -135,16 +208,24 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     quality, lower = quality_metric(evals)
     accuracy = next((m for m in ACCURACY_METRICS if m in evals[0].data.metrics), None)
-    train_axes = _axes_that_vary(evals)
+    comparison = compare_evals(client, evals, quality, lower)
+    train_axes = [k for k in _axes_that_vary(evals) if k not in REPLICATE_KEYS]
     group = [k for k in train_axes if k != "diffusion.schedule"]
+    # Sampling axes besides the plots' x axes (sampler, guidance rescale, ...): a line each.
+    plotted = {"sample.guidance", "sample.steps", "sample.variance", *REPLICATE_KEYS}
+    sample_group = [k for k in _axes_that_vary(evals, prefix_exclude=()) if k.startswith("sample.")]
+    sample_group = [k for k in sample_group if k not in plotted]
 
-    def line_label(r, with_variance=True):
+    def line_label(r, with_variance=True, without=()):
         parts = [r.data.params.get("diffusion.schedule", "?")]
         parts += [f"{k.split('.')[-1]}={r.data.params.get(k)}" for k in group]
         if with_variance:
             parts.append(r.data.params.get("sample.variance", "?"))
+            keys = [k for k in sample_group if k not in without]
+            parts += [f"{k.split('.')[-1]}={r.data.params.get(k)}" for k in keys]
         return " ".join(parts)
 
+    floor = noise_floor(evals, quality)
     figures = []
     for metric, fname in (
         (quality, "quality_vs_guidance.png"),
@@ -153,11 +234,11 @@ def write_report(
         if metric is None:
             continue
         lines = defaultdict(list)
-        for r in evals:
-            if metric in r.data.metrics:
-                lines[line_label(r)].append(
-                    (float(r.data.params["sample.guidance"]), r.data.metrics[metric])
-                )
+        for c in comparison_of(comparison, evals, metric, lower):
+            r = c.best_run
+            lines[line_label(r)].append(
+                (float(r.data.params["sample.guidance"]), c.mean, c.ci_low, c.ci_high)
+            )
         figures.append(
             _plot(
                 out / fname,
@@ -165,13 +246,35 @@ def write_report(
                 "guidance weight w",
                 metric,
                 lines,
+                band=_band(noise_floor(evals, metric)),
+            )
+        )
+    if accuracy is not None and len({r.data.params.get("sample.guidance") for r in evals}) > 2:
+        # The guidance trade-off: each line runs through a training's guidance weights.
+        frontier = defaultdict(list)
+        by_accuracy = {
+            config_key(c.best_run.data.params): c
+            for c in comparison_of(comparison, evals, accuracy, False)
+        }
+        for c in comparison.configurations:
+            acc = by_accuracy.get(config_key(c.best_run.data.params))
+            if acc is not None:
+                frontier[line_label(c.best_run)].append((acc.mean, c.mean))
+        figures.append(
+            _plot(
+                out / "quality_vs_accuracy.png",
+                f"{quality} against {accuracy}, along the guidance weights",
+                accuracy,
+                quality,
+                frontier,
             )
         )
     steps_lines = defaultdict(list)
-    for r in evals:
-        if quality in r.data.metrics and float(r.data.params["sample.guidance"]) == 1.0:
+    for c in comparison.configurations:
+        r = c.best_run
+        if float(r.data.params["sample.guidance"]) == 1.0:
             steps_lines[line_label(r)].append(
-                (int(r.data.params["sample.steps"]), r.data.metrics[quality])
+                (int(r.data.params["sample.steps"]), c.mean, c.ci_low, c.ci_high)
             )
     if any(len(v) > 1 for v in steps_lines.values()):
         figures.append(
@@ -182,13 +285,18 @@ def write_report(
                 quality,
                 steps_lines,
                 logx=True,
+                band=_band(floor),
             )
         )
     curves = {}
     for r in trains:
         hist = client.get_metric_history(r.info.run_id, "val/loss_simple")
         if hist:
-            curves[line_label(r, with_variance=False)] = [(m.step, m.value) for m in hist]
+            label = line_label(r, with_variance=False)
+            seed = r.data.params.get("train.seed")
+            if "train.seed" in _axes_that_vary(trains):
+                label += f" seed={seed}"
+            curves[label] = [(m.step, m.value) for m in hist]
     if curves:
         figures.append(
             _plot(
@@ -200,19 +308,21 @@ def write_report(
             )
         )
 
-    ranked = rank_evals(evals)
     cols = [*train_axes, "sample.variance", "sample.guidance", "sample.steps"]
     mcols = [
         m
         for m in (quality, accuracy, "precision", "recall", "mode_coverage")
         if m and m in evals[0].data.metrics
     ]
+    shown = max(top, 1 + len(comparison.ties))  # every configuration within noise is listed
     report = _Report(
         name=name,
         parent=parent,
         trains=trains,
         evals=evals,
-        best=ranked[:top],
+        best=comparison.configurations[:shown],
+        comparison=comparison,
+        floor=floor,
         quality=quality,
         lower=lower,
         cols=cols,
@@ -237,7 +347,9 @@ class _Report:
     parent: Any
     trains: list
     evals: list
-    best: list
+    best: list[Configuration]  # best first: the top ones, and every one within noise
+    comparison: Comparison
+    floor: tuple[float, float, int] | None  # the real data's (mean, sd, n) of `quality`
     quality: str | None
     lower: bool
     cols: list[str]
@@ -265,15 +377,51 @@ class _Report:
         return [k for k in ("diffusion.schedule",) if any(k in r.data.params for r in self.trains)]
 
     def best_sentence(self) -> str:
-        """The best configuration and its metric, in words (plain text)."""
-        if not self.best or self.quality not in self.best[0].data.metrics:
+        """The best configuration, its metric with its interval, the others within noise of
+        it and the real data's floor, in words (plain text)."""
+        if not self.best:
             return f"No evaluated pair has {self.quality} yet."
-        b = self.best[0]
-        setting = ", ".join(f"{c}={b.data.params.get(c, '?')}" for c in self.cols)
-        return (
+        c = self.best[0]
+        b = c.best_run
+        setting = ", ".join(f"{k}={b.data.params.get(k, '?')}" for k in self.cols)
+        notes = [] if math.isnan(c.ci_low) else [f"{100 * self.comparison.confidence:g} % interval"]
+        notes += [f"mean of {c.n} replicates"] if c.n > 1 else []
+        notes.append(f"{self.direction} is better")
+        text = (
             f"Best configuration: {setting} (run {b.info.run_name or b.info.run_id}), "
-            f"{self.quality} = {_fmt(b.data.metrics, self.quality)} ({self.direction} is better)."
+            f"{self.quality} = {value_text(c)} ({', '.join(notes)}). " + self.comparison.sentence()
         )
+        return text + (" " + self.floor_sentence() if self.floor else "")
+
+    def floor_sentence(self) -> str:
+        mean, sd, n = self.floor
+        return (
+            f"Real data of the cells' size (n = {n}) scores {self.quality} {mean:.3g} ± "
+            f"{sd:.2g} against the same reference (mean ± sd over independent draws): about "
+            f"what a perfect model would score, and how much one cell's value moves by chance."
+        )
+
+    @property
+    def table_header(self) -> list[str]:
+        pct = f"{100 * self.comparison.confidence:g} %"
+        q = f"{self.quality} [{pct} CI]"
+        reps = ["n", "sd"] if self.comparison.has_replicates else []
+        others = [m for m in self.mcols if m != self.quality]
+        return ["run", *self.cols, q, *reps, "Δ vs best [CI]", "vs best", *others]
+
+    def table_values(self, c: Configuration) -> list[str]:
+        """A configuration's cells after its run link, up to the run ids (plain text)."""
+        r = c.best_run
+        vals = [str(r.data.params.get(k, "")) for k in self.cols]
+        vals.append(value_text(c))
+        if self.comparison.has_replicates:
+            vals += [str(c.n), "" if math.isnan(c.sd) else f"{c.sd:.3g}"]
+        vals += [_diff_text(c), c.verdict]
+        for m in self.mcols:
+            if m != self.quality:
+                values = [x.data.metrics[m] for x in c.runs if m in x.data.metrics]
+                vals.append(f"{sum(values) / len(values):.4g}" if values else "")
+        return vals
 
     def evals_of(self, train_run_id: str) -> int:
         return sum(r.data.tags.get("ddpm_sweep.train_run_id") == train_run_id for r in self.evals)
@@ -293,14 +441,14 @@ class _Report:
             f"## Best {len(self.best)} by {self.quality} ({self.direction} is better)",
             "",
         ]
-        header = ["run", *self.cols, *self.mcols, "run id", "training run"]
+        header = [*self.table_header, "run id", "training run"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         names = self.train_names
-        for r in self.best:
+        for c in self.best:
+            r = c.best_run
             train_id = r.data.tags.get("ddpm_sweep.train_run_id", "")
             vals = [_md_cell(r.info.run_name or "")]
-            vals += [_md_cell(r.data.params.get(c, "")) for c in self.cols]
-            vals += [_fmt(r.data.metrics, m) for m in self.mcols]
+            vals += [_md_cell(v) for v in self.table_values(c)]
             vals += [f"`{r.info.run_id}`", _md_cell(names.get(train_id, train_id))]
             lines.append("| " + " | ".join(vals) + " |")
         # Relative names: the PNGs are written next to report.md (and logged next to it).
@@ -350,23 +498,23 @@ class _Report:
             f"<h2>Best {len(self.best)} by {e(str(self.quality))} ({self.direction} is "
             "better)</h2>",
             '<table id="best"><thead><tr>',
-            "".join(
-                f"<th>{e(c)}</th>"
-                for c in ["run", *self.cols, *self.mcols, "run id", "training run"]
-            ),
+            "".join(f"<th>{e(c)}</th>" for c in [*self.table_header, "run id", "training run"]),
             "</tr></thead><tbody>",
         ]
-        for r in self.best:
+        for c in self.best:
+            r = c.best_run
             train_id = r.data.tags.get("ddpm_sweep.train_run_id", "")
             train = trains_by_id.get(train_id)
             cells = [self.link(r)]
-            cells += [e(r.data.params.get(c, "")) for c in self.cols]
-            cells += [e(_fmt(r.data.metrics, m)) for m in self.mcols]
+            cells += [e(v) for v in self.table_values(c)]
             cells += [
                 f"<code>{e(r.info.run_id)}</code>",
                 self.link(train) if train else f"<code>{e(train_id)}</code>",
             ]
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            verdict = c.verdict.replace(" ", "-") or "unknown"
+            body.append(
+                f'<tr class="{verdict}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>"
+            )
         body.append("</tbody></table>")
         if self.figures:
             body.append("<h2>Plots</h2>")
@@ -430,4 +578,5 @@ figure { display: inline-block; margin: 0 1em 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { font-size: .8em; color: #59636e; }
 .note { font-size: .85em; color: #59636e; margin-top: 2em; }
+tr.best td, tr.within-noise td { background: #dafbe1; }
 """

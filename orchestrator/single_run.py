@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -40,14 +42,23 @@ TABLE_KEYS = (
 
 
 def format_rows(results: list[EvalResult]) -> str:
+    """One line per cell: each metric with its interval (`1.234 [0.98, 1.61]`)."""
     keys = [k for k in TABLE_KEYS if any(k in r.metrics for r in results)]
-    head = f"{'w':>5} {'variance':<13} {'steps':>5} " + " ".join(f"{k:>18}" for k in keys)
+    head = f"{'w':>5} {'variance':<13} {'steps':>5} " + " ".join(f"{k:>26}" for k in keys)
     lines = [head]
     for r in results:
-        m, spec = r.metrics, r.spec
-        vals = " ".join(f"{m[k]:>18.4f}" if k in m else f"{'-':>18}" for k in keys)
+        spec = r.spec
+        vals = " ".join(f"{_with_interval(r.metrics, k):>26}" for k in keys)
         lines.append(f"{spec.guidance:>5g} {spec.variance:<13} {spec.steps:>5} {vals}")
     return "\n".join(lines)
+
+
+def _with_interval(m: dict[str, float], key: str) -> str:
+    if key not in m:
+        return "-"
+    if f"{key}_ci_low" not in m:
+        return f"{m[key]:.4f}"
+    return f"{m[key]:.4f} [{m[f'{key}_ci_low']:.3g}, {m[f'{key}_ci_high']:.3g}]"
 
 
 def train_command(
@@ -87,10 +98,12 @@ def train_command(
                 result.module, result.datamodule, cfg.sample, cfg.eval, out_dir / "samples"
             )
             step = result.trainer.global_step
+            now = int(time.time() * 1000)
             for r in rows:
                 suffix = cell_suffix(r.spec.guidance, r.spec.variance, r.spec.steps)
-                for k, v in r.logged_metrics().items():
-                    client.log_metric(run_id, f"eval/{k}/{suffix}", v, step=step)
+                metrics = r.logged_metrics().items()
+                batch = [Metric(f"eval/{k}/{suffix}", v, now, step) for k, v in metrics]
+                client.log_batch(run_id, metrics=batch)
                 client.log_artifact(run_id, str(r.image), "samples")
             eval_json = [r.as_dict() for r in rows]
             (out_dir / "eval.json").write_text(json.dumps(eval_json, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -103,18 +104,29 @@ def sweep_note(plan: Plan, best: dict[str, Any] | None = None) -> str:
         f"Guidance convention: {GUIDANCE_CONVENTION}.",
     ]
     if best:
-        metric = next((k for k in best if k not in BEST_FIELDS), None)
         lines += [
             "",
-            f"**Best:** {best['eval_run']} ({metric} = {best.get(metric)}); registered as "
-            f"model `{best['registered_model']}` version {best['version']}.",
+            f"**Best:** {best['eval_run']} ({best_text(best)}); registered as model "
+            f"`{best['registered_model']}` version {best['version']}. {best['comparison']}",
         ]
     lines += ["", "Runs: group by `diffusion.schedule` or any axis in the Columns view; the "
               "sampling cell's values are the `sample.*` params of the eval runs."]  # fmt: skip
     return "\n".join(lines)
 
 
+def best_text(best: dict[str, Any]) -> str:
+    """`fid 0.88 [0.71, 1.05]`: the best configuration's metric and its interval."""
+    metric = best["metric"]
+    value, low = best[metric], best.get(f"{metric}_ci_low", math.nan)
+    if math.isnan(low):
+        return f"{metric} {value:.4g}"
+    return f"{metric} {value:.4g} [{low:.3g}, {best[f'{metric}_ci_high']:.3g}]"
+
+
 BEST_FIELDS = (
+    "metric",
+    "ties",
+    "comparison",
     "eval_run",
     "eval_run_id",
     "train_run_id",
@@ -341,17 +353,22 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
     """Log the best pair's checkpoint to the parent run (`best/`) and register it as a new
     version of the registered model named after the sweep."""
     from .model import log_sampler_model, register_best
-    from .report import quality_metric, rank_evals, sweep_runs
+    from .report import compare_evals, quality_metric, sweep_runs, value_text
 
     _, children = sweep_runs(client, sweep.name, parent_run_id)
     evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
-    if not evals:
+    quality, lower = quality_metric(evals) if evals else (None, True)
+    if quality is None:
         return None
-    best = rank_evals(evals)[0]
-    quality, _ = quality_metric(evals)
+    # The best configuration (replicates averaged), and the others within noise of it.
+    comparison = compare_evals(client, evals, quality, lower)
+    top = comparison.best
+    best = top.best_run
+    ties = [c.best_run.info.run_name for c in comparison.ties]
     train_run_id = best.data.tags["ddpm_sweep.train_run_id"]
     cell = {k: v for k, v in best.data.params.items() if k.startswith("sample.")}
     score = best.data.metrics.get(quality)
+    interval = {f"{quality}_ci_low": top.ci_low, f"{quality}_ci_high": top.ci_high}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = mlflow.artifacts.download_artifacts(
             run_id=train_run_id,
@@ -374,6 +391,9 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
                 "eval_run": best.info.run_name,
                 "quality": quality,
                 quality: score,
+                **interval,
+                "within_noise": ties,
+                "comparison": comparison.sentence(),
             },
             tags={"ddpm_sweep.sweep": sweep.name, "ddpm_sweep.parent_run_id": parent_run_id},
         )
@@ -386,15 +406,25 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
             "ddpm_sweep.eval_run_id": best.info.run_id,
             **{k: cell[k] for k in ("sample.variance", "sample.guidance", "sample.steps")},
             quality: str(score),
+            "ddpm_sweep.within_noise": str(len(ties)),
         },
-        description=f"best {quality} of sweep {sweep.name}: {best.info.run_name}",
+        description=(
+            f"best {quality} of sweep {sweep.name}: {best.info.run_name}, {quality} "
+            f"{value_text(top)}. {comparison.sentence()}"
+        ),
         registered_description=f"best model of sweep {sweep.name}",
     )
     return {
         "eval_run": best.info.run_name,
         "eval_run_id": best.info.run_id,
         "train_run_id": train_run_id,
-        quality: best.data.metrics.get(quality),
+        "metric": quality,
+        quality: top.mean,
+        **interval,
+        "replicates": top.n,
+        "within_noise": len(ties),
+        "ties": ties,
+        "comparison": comparison.sentence(),
         "params": {
             k: v
             for k, v in best.data.params.items()
@@ -418,7 +448,7 @@ def log_sweep_results(client, plan: Plan, parent_run_id: str, summary: dict) -> 
     metrics |= {
         f"best/{k}": float(v)
         for k, v in best.items()
-        if k not in BEST_FIELDS and isinstance(v, (int, float))
+        if k not in BEST_FIELDS and isinstance(v, (int, float)) and math.isfinite(v)
     }
     now = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])

@@ -40,6 +40,7 @@ from .tracking import cell_suffix, eval_params, run_tags, train_params
 log = logging.getLogger(__name__)
 CELL_TAG = "ddpm_sweep.cell"  # an eval run's cell key: how a retried trial finds it again
 RUN_ID_FILE = "mlflow_run_id.txt"
+DERIVED = ("_ci_low", "_ci_high", "_floor", "_floor_sd")  # beside a metric, in its eval run
 METRICS_FILE = "metrics.json"  # what the checkpoint's report said, for a trial resumed at its end
 
 
@@ -306,7 +307,8 @@ def evaluate_cells(
     for cell in cells:
         suffix = cell_suffix(cell.spec.guidance, cell.spec.variance, cell.spec.steps)
         for k, v in measured[cell.key].items():
-            summary[f"eval/{k}/{suffix}"] = v
+            if not k.endswith(DERIVED):  # Tune's results keep the metrics themselves
+                summary[f"eval/{k}/{suffix}"] = v
     return summary
 
 
@@ -337,7 +339,7 @@ def _evaluate_into_runs(
     measured = {}
     for cell, (run_id, have), cell_result in zip(cells, runs, evaluated):
         metrics = cell_result.logged_metrics()
-        finish_cell_run(client, run_id, have, metrics, cell_result.image)
+        finish_cell_run(client, run_id, have, metrics, cell_result)
         measured[cell.key] = metrics
     return measured
 
@@ -363,28 +365,33 @@ def open_cell_run(
     return run_id, set(run.data.metrics)
 
 
-def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, png: Path) -> None:
-    """The cell's metrics (those the run lacks), its grid, then FINISHED."""
+def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, result) -> None:
+    """The cell's metrics (those the run lacks), its grid and its bootstrap replicates, then
+    FINISHED."""
     now = int(time.time() * 1000)
     # Step 0: an evaluation is one point per run, and the chart view plots runs against each
     # other at one step (the training step is a param of the training run).
     fresh = [Metric(k, v, now, 0) for k, v in metrics.items() if k not in have]
     if fresh:
         client.log_batch(run_id, metrics=fresh)
-    log_grid(client, run_id, png)
+    log_cell_artifacts(client, run_id, result)
     client.set_terminated(run_id, "FINISHED")
 
 
 # One name, at the artifact root, in every eval run: MLflow's compare page lists the files that
 # the runs' artifact roots have in common (not folders) and shows them side by side.
 GRID_ARTIFACT = "grid.png"
+REPLICATES_ARTIFACT = "bootstrap.json"  # what orchestrator/compare.py pairs cells by
 
 
-def log_grid(client, run_id: str, png: Path) -> None:
-    """The cell's sample grid under the artifact name every eval run shares. (Not also as an
-    MLflow image for the chart view: `log_image` writes three files and took 18 of a cell's
-    51 ms of tracking on sqlite, over the 50 ms goal; benchmarks/tracking_scale.py.)"""
+def log_cell_artifacts(client, run_id: str, result) -> None:
+    """The cell's sample grid under the artifact name every eval run shares, and its metrics'
+    bootstrap replicates, in one call. (The grid is not also an MLflow image for the chart
+    view: `log_image` writes three files and took 18 of a cell's 51 ms of tracking on sqlite,
+    over the 50 ms goal; benchmarks/tracking_scale.py.)"""
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / GRID_ARTIFACT
-        shutil.copyfile(png, target)
-        client.log_artifact(run_id, str(target))
+        shutil.copyfile(result.image, Path(tmp) / GRID_ARTIFACT)
+        if result.replicates:
+            text = json.dumps(result.replicates_json(), separators=(",", ":"))
+            (Path(tmp) / REPLICATES_ARTIFACT).write_text(text)
+        client.log_artifacts(run_id, tmp)

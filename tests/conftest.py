@@ -34,3 +34,19 @@ def _pinned_tracking_uri():
     from mlflow.tracking._tracking_service import utils
 
     return getattr(utils, "_tracking_uri", None)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn digits as (x in [-1, 1] (N, 1, 8, 8), y), split into two stratified halves."""
+    from eval_helpers import digit_halves
+
+    return digit_halves()
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """The classifier the image-metric tests use: trained once on half A of digits."""
+    from eval_helpers import classifier_on
+
+    return classifier_on(digits)

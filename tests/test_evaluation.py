@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from eval_helpers import StandInMixture, balanced_labels
 from omegaconf import OmegaConf
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from lightning_modules.evaluation import (
     classifier as classifier_module,
@@ -46,41 +45,6 @@ EVALUATION_DIR = Path(__file__).resolve().parents[1] / "lightning_modules" / "ev
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def digits():
-    """sklearn digits as (x in [-1, 1] (N, 1, 8, 8), y), split into two stratified halves."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1
-    y = torch.tensor(data.target, dtype=torch.int64)
-    idx_a, idx_b = train_test_split(np.arange(len(x)), test_size=0.5, stratify=y, random_state=0)
-    return x[idx_a], y[idx_a], x[idx_b], y[idx_b]
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """The classifier every image-metric test uses: trained once on half A of digits."""
-    x_a, y_a, _, _ = digits
-    return train_classifier(x_a, y_a, num_classes=10, seed=0)
-
-
-class StandInMixture:
-    """Ring of Gaussian modes with the duck type `evaluate_points` expects."""
-
-    def __init__(self, n_modes: int = 8, radius: float = 2.0, std: float = 0.1) -> None:
-        angles = torch.arange(n_modes) * (2 * math.pi / n_modes)
-        self.means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-        self.std = std
-
-    def sample(self, n, labels=None, generator=None):
-        if labels is None:
-            labels = torch.randint(len(self.means), (n,), generator=generator)
-        noise = torch.randn(n, 2, generator=generator)
-        return self.means[labels] + self.std * noise, labels
-
-    def mode_of(self, x):
-        return torch.cdist(x.float(), self.means).argmin(dim=1)
-
-
 @pytest.fixture(params=["stand_in", "data_package"])
 def truth(request):
     """The metrics are written against a duck type: check them on both implementations."""
@@ -88,10 +52,6 @@ def truth(request):
         return StandInMixture()
     data = pytest.importorskip("lightning_modules.data")  # written in parallel; may be absent
     return data.GaussianMixture2D.ring(8, radius=2.0, std=0.1)
-
-
-def _balanced_labels(n_modes: int, per_mode: int) -> torch.Tensor:
-    return torch.arange(n_modes).repeat_interleave(per_mode)
 
 
 # --------------------------------------------------------------------------- classifier
@@ -249,7 +209,7 @@ def test_inception_fid_without_torch_fidelity_says_what_to_install(digits, train
 
 def test_point_distances_near_zero_for_truth_and_large_when_shifted(truth):
     gen = torch.Generator().manual_seed(1)
-    labels = _balanced_labels(8, 100)
+    labels = balanced_labels(8, 100)
     samples, _ = truth.sample(len(labels), labels=labels, generator=gen)
     good = evaluate_points(samples, labels, truth)
     shifted = evaluate_points(samples + torch.tensor([0.5, 0.0]), labels, truth)
@@ -276,7 +236,7 @@ def test_sliced_wasserstein_of_a_translation_and_chunked_energy():
 
 def test_mode_coverage_full_for_truth_and_half_when_modes_dropped(truth):
     gen = torch.Generator().manual_seed(2)
-    labels = _balanced_labels(8, 100)
+    labels = balanced_labels(8, 100)
     samples, _ = truth.sample(len(labels), labels=labels, generator=gen)
     good = evaluate_points(samples, labels, truth)
     assert good["mode_coverage"] > 0.97 and good["label_accuracy"] > 0.99
@@ -325,7 +285,7 @@ def test_grid_filename_is_stable_and_readable():
 
 
 def test_points_plot_writes_png(tmp_path, truth):
-    labels = _balanced_labels(8, 10)
+    labels = balanced_labels(8, 10)
     samples, _ = truth.sample(len(labels), labels=labels)
     path = save_points_plot(samples, labels, tmp_path / "points.png", truth=truth)
     with Image.open(path) as im:
@@ -388,7 +348,7 @@ def test_prepare_context_puts_the_classifier_on_the_sampling_device(trained, mon
 def test_cells_of_one_context_see_the_real_images_once_and_measure_as_before(digits, trained):
     """The real images' features, k-NN radii and FID statistics are computed for the first cell
     and reused; every cell's metrics are those of the uncached functions."""
-    from lightning_modules.evaluate import EvalContext, _measure
+    from lightning_modules.evaluate import EvalContext
 
     x_a, _, x_b, y_b = digits
     real_x = x_a.clone()
@@ -406,7 +366,7 @@ def test_cells_of_one_context_see_the_real_images_once_and_measure_as_before(dig
     noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cells = [(x_b[:300], y_b[:300]), (x_b[300:600], y_b[300:600]), (noise, y_b[:300])]
     for fake, labels in cells:
-        measured = _measure(ctx, fake, labels)
+        measured = ctx.measure(fake, labels)[0]
         fake_f = classifier_module.batched_apply(trained.model.features, fake)
         real_f = classifier_module.batched_apply(trained.model.features, real_x)
         precision, recall = precision_recall(fake_f, real_f)

@@ -5,6 +5,7 @@
 - `image_metrics`: FID (torchmetrics), improved precision/recall, guided accuracy; the real
   images' side of FID and precision/recall once per set of real images (`RealReference`).
 - `points_metrics`: sliced Wasserstein-2, energy distance and mode coverage for 2-D toy data.
+- `bootstrap`: the metrics' bootstrap replicates, their intervals, paired differences.
 - `grids`: PNG sample grids (one row per class) and 2-D scatter plots.
 """
 
@@ -26,6 +27,7 @@ from .image_metrics import (
     fid_in_classifier_features,
     fid_inception,
     guided_accuracy,
+    image_metrics,
     precision_recall,
 )
 from .points_metrics import (
@@ -35,6 +37,7 @@ from .points_metrics import (
     fraction_of_modes_hit,
     label_accuracy,
     mode_coverage_per_class,
+    point_metrics,
     sliced_wasserstein,
 )
 
@@ -56,10 +59,12 @@ __all__ = [
     "fraction_of_modes_hit",
     "grid_filename",
     "guided_accuracy",
+    "image_metrics",
     "label_accuracy",
     "load_or_train_classifier",
     "make_grid_array",
     "mode_coverage_per_class",
+    "point_metrics",
     "precision_recall",
     "save_points_plot",
     "save_sample_grid",

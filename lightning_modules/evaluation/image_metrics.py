@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from .bootstrap import Resamples, fid_replicates, weighted_mean
 from .classifier import EvalClassifier, batched_apply, model_device
 
 logger = logging.getLogger(__name__)
@@ -92,14 +93,21 @@ def fid_inception(
     return metric.compute().item()
 
 
+def guided_hits(
+    samples: Tensor, requested_labels: Tensor, classifier: EvalClassifier, batch_size: int = 512
+) -> Tensor:
+    """(N,) bool: whether the classifier assigns each sample the label that was requested."""
+    classifier.eval()
+    device = model_device(classifier)
+    pred = batched_apply(classifier, samples.float(), batch_size, device).argmax(dim=1)
+    return pred == requested_labels.to(pred.device)
+
+
 def guided_accuracy(
     samples: Tensor, requested_labels: Tensor, classifier: EvalClassifier, batch_size: int = 512
 ) -> float:
     """Fraction of samples the classifier assigns to the label that was requested."""
-    classifier.eval()
-    device = model_device(classifier)
-    pred = batched_apply(classifier, samples.float(), batch_size, device).argmax(dim=1)
-    return (pred == requested_labels.to(pred.device)).double().mean().item()
+    return guided_hits(samples, requested_labels, classifier, batch_size).double().mean().item()
 
 
 def kth_nn_radii(features: Tensor, k: int = 3, chunk_size: int = 1024) -> Tensor:
@@ -114,15 +122,38 @@ def kth_nn_radii(features: Tensor, k: int = 3, chunk_size: int = 1024) -> Tensor
     return torch.cat(radii)
 
 
-def fraction_in_manifold(
-    queries: Tensor, support: Tensor, radii: Tensor, chunk_size: int = 1024
-) -> float:
-    """Fraction of queries inside the union of balls B(support_i, radii_i)."""
+def in_manifold(queries: Tensor, support: Tensor, radii: Tensor, chunk_size: int = 1024) -> Tensor:
+    """(len(queries),) bool: whether each query lies in the union of balls B(support_i, radii_i)."""
     inside = [
         (torch.cdist(chunk, support) <= radii[None, :]).any(dim=1)
         for chunk in queries.split(chunk_size)
     ]
-    return torch.cat(inside).double().mean().item()
+    return torch.cat(inside)
+
+
+def fraction_in_manifold(
+    queries: Tensor, support: Tensor, radii: Tensor, chunk_size: int = 1024
+) -> float:
+    """Fraction of queries inside the union of balls B(support_i, radii_i)."""
+    return in_manifold(queries, support, radii, chunk_size).double().mean().item()
+
+
+def manifold_indicators(
+    fake_features: Tensor,
+    real_features: Tensor,
+    k: int = 3,
+    chunk_size: int = 1024,
+    real_radii: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(each generated sample inside the real manifold, each real sample inside the generated
+    manifold): precision and recall are their means (Kynkäänniemi et al. 2019)."""
+    fake, real = fake_features.double(), real_features.double()
+    if real_radii is None:
+        real_radii = kth_nn_radii(real, k, chunk_size)
+    fake_radii = kth_nn_radii(fake, k, chunk_size)
+    return in_manifold(fake, real, real_radii, chunk_size), in_manifold(
+        real, fake, fake_radii, chunk_size
+    )
 
 
 def precision_recall(
@@ -138,13 +169,8 @@ def precision_recall(
     Recall: share of real samples inside the generated manifold (coverage).
     `real_radii` are the real features' `kth_nn_radii` (in float64) when already computed.
     """
-    fake, real = fake_features.double(), real_features.double()
-    if real_radii is None:
-        real_radii = kth_nn_radii(real, k, chunk_size)
-    fake_radii = kth_nn_radii(fake, k, chunk_size)
-    precision = fraction_in_manifold(fake, real, real_radii, chunk_size)
-    recall = fraction_in_manifold(real, fake, fake_radii, chunk_size)
-    return precision, recall
+    fake_in, real_in = manifold_indicators(fake_features, real_features, k, chunk_size, real_radii)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
 
 
 class _PrecomputedFeatures(nn.Module):
@@ -204,6 +230,15 @@ class RealReference:
         """Precision and recall of a sample set, from its classifier features."""
         return precision_recall(fake_features, self.features, self.k, real_radii=self.radii)
 
+    def manifold_indicators(self, fake_features: Tensor) -> tuple[Tensor, Tensor]:
+        """See :func:`manifold_indicators`; precision and recall are their means."""
+        return manifold_indicators(fake_features, self.features, self.k, real_radii=self.radii)
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """The real features' mean and covariance in float64 (FID's real side)."""
+        f = self.features.double()
+        return f.mean(dim=0), torch.cov(f.T)
+
 
 def evaluate_images(
     samples: Tensor,
@@ -222,6 +257,27 @@ def evaluate_images(
     `reference` is `RealReference.from_images(real_x, classifier, k, batch_size)` computed
     beforehand by a caller that measures several sample sets against the same `real_x`.
     """
+    return image_metrics(
+        samples, requested_labels, real_x, classifier, k, batch_size, inception_weights_path,
+        reference,
+    )[0]  # fmt: skip
+
+
+def image_metrics(
+    samples: Tensor,
+    requested_labels: Tensor | None,
+    real_x: Tensor,
+    classifier: EvalClassifier,
+    k: int = 3,
+    batch_size: int = 512,
+    inception_weights_path: str | Path | None = None,
+    reference: RealReference | None = None,
+    resamples: Resamples | None = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """(metrics as :func:`evaluate_images`, their bootstrap replicates): with ``resamples``,
+    B replicates of `fid`, `precision`, `recall` and `guided_accuracy` (not of `fid_inception`)
+    from the features and indicators the metrics are computed from (lightning_modules/
+    evaluation/bootstrap.py)."""
     classifier.eval()
     if reference is None:
         reference = RealReference.from_images(real_x, classifier, k, batch_size)
@@ -229,17 +285,26 @@ def evaluate_images(
         raise ValueError(f"the reference's radii are for k={reference.k}, not k={k}")
     device = model_device(classifier)
     fake_features = batched_apply(classifier.features, samples.float(), batch_size, device)
-    precision, recall = reference.precision_recall(fake_features)
+    fake_in, real_in = reference.manifold_indicators(fake_features)
     metrics = {
         "fid": reference.fid(fake_features),
-        "precision": precision,
-        "recall": recall,
+        "precision": fake_in.double().mean().item(),
+        "recall": real_in.double().mean().item(),
     }
+    correct = None
     if requested_labels is not None:
-        metrics["guided_accuracy"] = guided_accuracy(
-            samples, requested_labels, classifier, batch_size
-        )
+        correct = guided_hits(samples, requested_labels, classifier, batch_size)
+        metrics["guided_accuracy"] = correct.double().mean().item()
     if inception_weights_path is not None:
         metrics["fid_inception"] = fid_inception(samples, real_x, inception_weights_path)
     logger.debug("image metrics: %s", metrics)
-    return metrics
+    if resamples is None:
+        return metrics, {}
+    replicates = {
+        "fid": fid_replicates(fake_features, resamples.samples, *reference.statistics()),
+        "precision": weighted_mean(fake_in.double(), resamples.samples),
+        "recall": weighted_mean(real_in.double(), resamples.real(len(real_in))),
+    }
+    if correct is not None:
+        replicates["guided_accuracy"] = weighted_mean(correct.double(), resamples.samples)
+    return metrics, {key: value.cpu() for key, value in replicates.items()}

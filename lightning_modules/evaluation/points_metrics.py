@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .bootstrap import weighted_mean
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +38,13 @@ def _quantiles(sorted_proj: Tensor, levels: Tensor) -> Tensor:
     return sorted_proj[:, idx]
 
 
+def _projections(x: Tensor, num_projections: int, seed: int) -> Tensor:
+    # Random unit directions from a fixed seed, so values are comparable across runs.
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(num_projections, x.shape[1], generator=generator, dtype=torch.float64)
+    return theta / theta.norm(dim=1, keepdim=True)
+
+
 def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int = 256, seed: int = 0) -> float:
     """Sliced Wasserstein-2 distance between two point sets.
 
@@ -44,15 +53,56 @@ def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int = 256, seed: i
     across runs.
     """
     x, y = x.double(), y.double()
-    generator = torch.Generator().manual_seed(seed)
-    theta = torch.randn(num_projections, x.shape[1], generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
+    theta = _projections(x, num_projections, seed)
     proj_x = (theta @ x.T).sort(dim=1).values
     proj_y = (theta @ y.T).sort(dim=1).values
     m = max(x.shape[0], y.shape[0])
     levels = (torch.arange(m, dtype=torch.float64) + 0.5) / m
     diff = _quantiles(proj_x, levels) - _quantiles(proj_y, levels)
     return diff.square().mean().sqrt().item()
+
+
+def sliced_wasserstein_replicates(
+    x: Tensor,
+    y: Tensor,
+    counts: Tensor,
+    num_projections: int = 256,
+    seed: int = 0,
+    chunk: int = 8,
+) -> Tensor:
+    """(B,) bootstrap replicates of :func:`sliced_wasserstein` with ``x`` resampled by
+    ``counts`` (B, n) and ``y`` held fixed, without sorting a resample.
+
+    A resample's sorted projections are those of ``x``, each repeated as often as it was drawn:
+    the i-th smallest projection of ``x`` fills the resample's ranks cum_{i−1} .. cum_i − 1
+    (cum: the counts summed in sorted order). The quantile function reads rank r(l) at level l,
+    so W2² sums (q_i − q_y,l)² over the levels whose rank falls in that range; with prefix sums
+    over ranks of (levels per rank, Σ q_y,l) that is two lookups per point."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    theta = _projections(x, num_projections, seed)
+    proj_x, order = (theta @ x.T).sort(dim=1)
+    proj_y = (theta @ y.T).sort(dim=1).values
+    m = max(n, y.shape[0])
+    levels = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    rank = (levels * n).long().clamp(max=n - 1)  # the rank _quantiles reads at each level
+    q_y = _quantiles(proj_y, levels)  # (P, m)
+    zero = torch.zeros(num_projections, 1, dtype=torch.float64)
+    per_rank = torch.zeros(num_projections, n, dtype=torch.float64)
+    levels_before = torch.cat([zero[0], torch.bincount(rank, minlength=n).double().cumsum(0)])
+    qy_before = torch.cat([zero, per_rank.index_add(1, rank, q_y).cumsum(dim=1)], dim=1)
+    qy2_total = q_y.square().sum()  # Σ q_y² over every level: the same for any resample
+    out = []
+    for c in counts.double().split(chunk):
+        drawn = c[:, order]  # (b, P, n): counts in each projection's sorted order
+        end = drawn.cumsum(dim=-1).long()
+        start = end - drawn.long()
+        qy = qy_before.expand(len(c), -1, -1)
+        k = levels_before[end] - levels_before[start]
+        s1 = qy.gather(-1, end) - qy.gather(-1, start)
+        total = (k * proj_x.square() - 2 * proj_x * s1).sum(dim=(1, 2)) + qy2_total
+        out.append((total / (num_projections * m)).clamp(min=0).sqrt())
+    return torch.cat(out)
 
 
 def _mean_pairwise_distance(a: Tensor, b: Tensor, exclude_diagonal: bool, chunk: int) -> Tensor:
@@ -75,6 +125,27 @@ def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 2048) -> float:
     xx = _mean_pairwise_distance(x, x, True, chunk_size)
     yy = _mean_pairwise_distance(y, y, True, chunk_size)
     return (2 * xy - xx - yy).item()
+
+
+def energy_distance_replicates(
+    x: Tensor, y: Tensor, counts: Tensor, chunk_size: int = 1024
+) -> Tensor:
+    """(B,) bootstrap replicates of :func:`energy_distance` with ``x`` resampled by ``counts``
+    (B, n) and ``y`` held fixed: E|X−Y| weighs each x by its count, E|X−X'| sums the distances
+    of all pairs of drawn points (c' D c; a point drawn twice pairs with itself at distance 0)
+    over n(n−1) pairs."""
+    x, y = x.double(), y.double()
+    c = counts.double()
+    n = x.shape[0]
+    to_y = torch.cat([torch.cdist(part, y).mean(dim=1) for part in x.split(chunk_size)])
+    xy = c @ to_y / n
+    xx = torch.zeros(len(c), dtype=torch.float64)
+    for start in range(0, n, chunk_size):
+        rows = torch.cdist(x[start : start + chunk_size], x)  # (k, n)
+        xx += (c[:, start : start + chunk_size] * (c @ rows.T)).sum(dim=1)
+    xx /= n * (n - 1)
+    yy = _mean_pairwise_distance(y, y, True, chunk_size)
+    return 2 * xy - xx - yy
 
 
 def _nearest_mode(samples: Tensor, truth: MixtureTruth) -> Tensor:
@@ -143,16 +214,34 @@ def evaluate_points(
     Keys: `sliced_wasserstein`, `energy_distance`, `modes_hit`, and when labels are given
     `mode_coverage` (mean over requested classes), `mode_coverage_class_{c}`, `label_accuracy`.
     """
+    return point_metrics(samples, requested_labels, truth, k, reference_multiplier, seed)[0]
+
+
+def point_metrics(
+    samples: Tensor,
+    requested_labels: Tensor | None,
+    truth: MixtureTruth,
+    k: float = 3.0,
+    reference_multiplier: int = 4,
+    seed: int = 0,
+    counts: Tensor | None = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """(metrics as :func:`evaluate_points`, their bootstrap replicates): with ``counts``
+    (B, n), B replicates of the distances, `modes_hit`, `mode_coverage` and `label_accuracy`,
+    the samples resampled and the true reference held fixed (lightning_modules/evaluation/
+    bootstrap.py)."""
     samples = samples.double().cpu()
     reference = _true_reference(truth, requested_labels, len(samples), reference_multiplier, seed)
     reference = reference.double().cpu()
+    nearest = _nearest_mode(samples, truth)
+    near = _within_mode(samples, truth.means.to(samples), nearest, k * truth.std)
     metrics = {
         "sliced_wasserstein": sliced_wasserstein(samples, reference, seed=seed),
         "energy_distance": energy_distance(samples, reference),
-        "modes_hit": fraction_of_modes_hit(samples, truth, k),
+        "modes_hit": len(nearest[near].unique()) / len(truth.means),
     }
-    if requested_labels is not None:
-        labels = requested_labels.long().cpu()
+    labels = None if requested_labels is None else requested_labels.long().cpu()
+    if labels is not None:
         per_class = mode_coverage_per_class(samples, labels, truth, k)
         requested = ~per_class.isnan()
         metrics["mode_coverage"] = per_class[requested].mean().item()
@@ -160,4 +249,20 @@ def evaluate_points(
             metrics[f"mode_coverage_class_{c}"] = per_class[c].item()
         metrics["label_accuracy"] = label_accuracy(samples, labels, truth)
     logger.debug("point metrics: %s", metrics)
-    return metrics
+    if counts is None:
+        return metrics, {}
+    num_modes = len(truth.means)
+    found = torch.nn.functional.one_hot(nearest, num_modes).double() * near[:, None]
+    replicates = {
+        "sliced_wasserstein": sliced_wasserstein_replicates(samples, reference, counts, seed=seed),
+        "energy_distance": energy_distance_replicates(samples, reference, counts),
+        "modes_hit": ((counts > 0).double() @ found > 0).double().mean(dim=1),
+    }
+    if labels is not None:
+        asked = torch.nn.functional.one_hot(labels, num_modes).double()
+        hit = _within_mode(samples, truth.means.to(samples), labels, k * truth.std).double()
+        drawn = counts @ asked  # (B, M) samples drawn per requested class
+        coverage = (counts @ (asked * hit[:, None])) / drawn
+        replicates["mode_coverage"] = coverage[:, asked.sum(dim=0) > 0].nanmean(dim=1)
+        replicates["label_accuracy"] = weighted_mean((nearest == labels).double(), counts)
+    return metrics, replicates
