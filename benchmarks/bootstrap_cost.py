@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from lightning_modules.config import load_config
 from lightning_modules.diffusion import SamplingSpec
 from lightning_modules.evaluate import eval_labels, noise_floor, prepare_context
-from lightning_modules.evaluation.bootstrap import with_intervals
+from lightning_modules.evaluation.bootstrap import Resamples, with_intervals
 from lightning_modules.train import build_experiment
 
 GOAL = 0.10
@@ -67,10 +67,15 @@ def config(workload: dict, resamples: int):
     return base
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def metrics_with_intervals(ctx, x, labels, resamples):
+    metrics, reps = ctx.measure(x, labels, resamples)
+    return with_intervals(metrics, reps, ctx.confidence)
 
 
 def measure_workload(name: str, workload: dict, args) -> dict:
@@ -85,15 +90,13 @@ def measure_workload(name: str, workload: dict, args) -> dict:
         spec = SamplingSpec(guidance=guidance, variance="fixed_small", steps=workload["steps"])
         sample_s, point_s, boot_s, ratios = [], [], [], []
         for _ in range(args.rounds):
-            x, s = timed(lambda: module.sample_many(labels, [spec], num_samples=n)[0])
-            _, p = timed(lambda: ctx.measure(x, labels))
-            ctx._resamples.clear()  # the counts are drawn once per seed and training: count it
-
-            def with_bootstrap():
-                metrics, reps = ctx.measure(x, labels, ctx.resamples(n, labels, spec.seed))
-                return with_intervals(metrics, reps, ctx.confidence)
-
-            _, b = timed(with_bootstrap)
+            (x,), s = timed(module.sample_many, labels, [spec], num_samples=n)
+            _, p = timed(ctx.measure, x, labels)
+            # The counts are drawn once per seed and training; drawing them is counted here.
+            _, draw = timed(Resamples.draw, n, args.resamples, spec.seed, labels)
+            resamples = ctx.resamples(n, labels, spec.seed)
+            _, b = timed(metrics_with_intervals, ctx, x, labels, resamples)
+            b += draw
             sample_s.append(s)
             point_s.append(p)
             boot_s.append(b - p)
@@ -110,7 +113,7 @@ def measure_workload(name: str, workload: dict, args) -> dict:
                 "bootstrap_over_sampling": _common.median(ratios),
             }
         )
-    _, floor_s = timed(lambda: noise_floor(ctx, labels, n, cfg.eval.floor_draws))
+    _, floor_s = timed(noise_floor, ctx, labels, n, cfg.eval.floor_draws)
     for row in rows:
         row["floor_seconds_per_training"] = floor_s
         row["floor_over_sampling_per_cell"] = floor_s / CELLS_PER_TRAINING / row["sampling_seconds"]

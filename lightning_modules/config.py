@@ -262,7 +262,13 @@ def validate_eval_config(e, where: str = "config", prefix: str = "eval") -> None
         e.bootstrap,
         "0 (off) or an integer >= 20 (resamples; 200 is the default)",
     )
-    _expect(0 < e.confidence < 1, where, f"{prefix}.confidence", e.confidence, "in (0, 1)")
+    _expect(
+        0 < e.confidence < 1,
+        where,
+        f"{prefix}.confidence",
+        e.confidence,
+        "a number in (0, 1), e.g. 0.95",
+    )
     _expect(e.floor_draws >= 0, where, f"{prefix}.floor_draws", e.floor_draws, "an integer >= 0")
     _expect(
         e.floor_draws != 1,

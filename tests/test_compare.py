@@ -3,13 +3,17 @@ grouped, and what the report, the summary and the registered model say of them."
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import math
+import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
+from orchestrator.cli import main
 from orchestrator.compare import (
     REPLICATES_ARTIFACT,
     artifact_loader,
@@ -18,6 +22,7 @@ from orchestrator.compare import (
 )
 from orchestrator.report import write_report
 
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 SWEEP = "compare-demo"
 B = 400
 
@@ -170,3 +175,34 @@ def test_report_shows_intervals_ties_replicates_and_the_floor(store, tmp_path):
     assert "| 3 | 0.1 |" in w3
     html = (tmp_path / "report.html").read_text()
     assert html.count('<tr class="within-noise">') == 1 and 'class="best"' in html
+
+
+def _plan_output(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", str(SWEEPS / "mixture_quick.yaml"), *args]) == 0
+    return out.getvalue()
+
+
+def _resolution(text: str) -> float:
+    return float(re.search(r"differ by chance up to ~([0-9.e-]+)", text).group(1))
+
+
+def test_plan_says_what_the_sample_size_resolves_and_warns_below_min_effect():
+    """Real data of the cells' size scored as a cell is: its spread, the difference two cells
+    must show, and a warning with the n that would do when eval.min_effect is below it."""
+    out = _plan_output()
+    (line,) = [x for x in out.splitlines() if x.startswith("noise:")]
+    assert "real data of eval.num_samples = 400 scores sliced_wasserstein" in line
+    assert "warning" not in out
+    more = _plan_output("base.eval.num_samples=1600")
+    assert _resolution(more) < 0.7 * _resolution(out)  # the spread falls as n grows
+    warned = _plan_output("base.eval.min_effect=0.0005")
+    (warning,) = [x for x in warned.splitlines() if x.startswith("warning:")]
+    assert "eval.num_samples = 400 is too small for eval.min_effect = 0.0005" in warning
+    needed = int(
+        re.search(r"about eval.num_samples = ([0-9,]+)", warning).group(1).replace(",", "")
+    )
+    assert needed == pytest.approx(400 * (_resolution(out) / 0.0005) ** 2, rel=0.1)
+    assert "warning" not in _plan_output(f"base.eval.min_effect={2 * _resolution(out)}")
+    assert "noise:" not in _plan_output("base.eval.floor_draws=0")

@@ -52,8 +52,8 @@ def test_plan_trains_once_per_training_configuration():
     c = plan.costs
     assert (c.trainings, c.cells, c.evaluated_pairs, c.naive_trainings) == (3, 8, 24, 24)
     assert c.training_steps == 3 * sweep.base.train.max_steps
-    # 200 samples (20 per class) x 25 steps per cell; w = 0 and 1 take one forward, others two.
-    assert c.sampling_forwards == 3 * 200 * 25 * (2 * 1 + 2 * 1 + 2 * 2 + 2 * 2)
+    # 300 samples (30 per class) x 25 steps per cell; w = 0 and 1 take one forward, others two.
+    assert c.sampling_forwards == 3 * 300 * 25 * (2 * 1 + 2 * 1 + 2 * 2 + 2 * 2)
     assert is_sampling_time("sample.eta") and not is_sampling_time("diffusion.variance")
     assert "trainings: 3" in plan.table() and "w4_fixed_small_25steps" in plan.table()
 
@@ -206,7 +206,20 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
     assert "| run | diffusion.schedule | sample.variance | sample.guidance |" in report
     best_rows = [line for line in report.splitlines() if line.startswith("| eval ")]
-    assert len(best_rows) == 10  # the top 10, each with its training's schedule
+    assert len(best_rows) >= 10  # the top 10 (and any within noise), with its schedule
+    # Every number with its uncertainty: the interval, the paired verdict, the real floor.
+    assert "sliced_wasserstein [95 % CI]" in report and "| best |" in best_rows[0]
+    assert "Real data of the cells' size (n = 160)" in report
+    within = report.count("| within noise |")
+    sentence = (
+        f"{within} configuration{'s' if within > 1 else ''} {'is' if within == 1 else 'are'} "
+        "within noise of the best"
+        if within
+        else "No other configuration is within noise of the best"
+    )
+    assert sentence in report and sentence in out.stdout
+    assert version.tags["ddpm_sweep.within_noise"] == str(within)
+    assert sentence in version.description
     assert all(" | linear | " in row or " | cosine | " in row for row in best_rows), best_rows
 
     trains = {
@@ -232,7 +245,13 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
         assert {
             m.step for k in r.data.metrics for m in client.get_metric_history(r.info.run_id, k)
         } == {0}
-        assert "grid.png" in [a.path for a in client.list_artifacts(r.info.run_id)]
+        assert {"grid.png", "bootstrap.json"} <= {
+            a.path for a in client.list_artifacts(r.info.run_id)
+        }
+        m = r.data.metrics
+        assert m["sliced_wasserstein_ci_low"] <= m["sliced_wasserstein"]
+        assert m["sliced_wasserstein"] <= m["sliced_wasserstein_ci_high"]
+        assert m["sliced_wasserstein_floor"] > 0 and m["sliced_wasserstein_floor_sd"] > 0
     for r in runs:
         assert len(r.data.tags["mlflow.source.git.commit"]) in (40, len("unknown"))
         assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"]
@@ -240,6 +259,8 @@ def test_sweep_end_to_end_records_one_parent_and_every_pair(tmp_path):
     assert parent.data.params["sweep.plan.evaluated_pairs"] == "12"
     parent = client.get_run(parent.info.run_id)  # as finished: the best result on it
     assert "best/sliced_wasserstein" in parent.data.metrics
+    assert "best/sliced_wasserstein_ci_high" in parent.data.metrics
+    assert "best/within_noise" in parent.data.metrics
     assert "**Best:** eval " in parent.data.tags["mlflow.note.content"]
     resolved = Path(
         client.download_artifacts(parent.info.run_id, "resolved_config.yaml", str(tmp_path))
