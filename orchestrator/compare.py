@@ -58,7 +58,7 @@ class Configuration:
     diff: float = math.nan  # mean minus the best's
     diff_low: float = math.nan
     diff_high: float = math.nan
-    replicates: np.ndarray | None = field(default=None, repr=False)  # (n, B), once read
+    replicates: np.ndarray | None = field(default=None, repr=False)  # (n, B) by seed, once read
 
     @property
     def n(self) -> int:
@@ -71,6 +71,11 @@ class Configuration:
 
     def values(self) -> np.ndarray:
         return np.array([r.data.metrics[self.metric] for r in self.runs], dtype=np.float64)
+
+    @property
+    def seeds(self) -> list[tuple]:
+        """Its replicates' seeds, in the order of its replicates' rows."""
+        return [_replicate_order(r)[:-1] for r in sorted(self.runs, key=_replicate_order)]
 
     @property
     def tied(self) -> bool:
@@ -200,7 +205,7 @@ def _read(c: Configuration, load) -> bool:
     if c.replicates is not None:
         return True
     rows = []
-    for run in c.runs:
+    for run in sorted(c.runs, key=_replicate_order):  # row i: the same seed in every config
         data = load(run)
         reps = None if data is None else data.get("metrics", {}).get(c.metric)
         if reps is None:
@@ -216,8 +221,8 @@ def _mean_interval(
     c: Configuration, minus: Configuration | None, confidence: float
 ) -> tuple[float, float]:
     """Interval of c's mean (minus ``minus``'s mean): in resample b, the b-th replicates
-    averaged over seeds drawn with replacement (the same draw for both when they have as many
-    replicates, which pairs them seed for seed)."""
+    averaged over seeds drawn with replacement (the same draw for both when they have the same
+    seeds, which pairs them seed for seed)."""
     a = c.replicates
     estimate = c.mean - (minus.mean if minus else 0.0)
     b = None if minus is None else minus.replicates
@@ -227,9 +232,10 @@ def _mean_interval(
     resamples = a.shape[1]
     reps = _seed_means(a, rng, resamples)
     if b is not None:
-        same = b.shape[0] == a.shape[0]
-        reps = reps - (_seed_means(b, np.random.default_rng(SEED_RESAMPLING_SEED), resamples)
-                       if same else _seed_means(b, rng, resamples))  # fmt: skip
+        # The same seeds in both: resample them together (paired, seed for seed); else apart.
+        paired = minus.seeds == c.seeds
+        other = np.random.default_rng(SEED_RESAMPLING_SEED) if paired else rng
+        reps = reps - _seed_means(b, other, resamples)
     return interval(estimate, reps, confidence)
 
 

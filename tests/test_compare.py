@@ -8,6 +8,7 @@ import io
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -146,6 +147,11 @@ def test_paired_comparison_marks_what_is_within_noise_of_the_best(store):
     assert w3.n == 3 and w3.verdict == "worse"
     assert w3.ci_low < w3.mean < w3.ci_high
     assert w3.ci_high - w3.ci_low < by_w["2.0"].ci_high - by_w["2.0"].ci_low
+    # Its replicates are held seed by seed (to pair with another config's seeds), not in its
+    # runs' best-first order (seed 2, 0, 1).
+    assert [r.data.params["train.seed"] for r in w3.runs] == ["2", "0", "1"]
+    assert [seed for seed, _ in w3.seeds] == ["0", "1", "2"]
+    assert w3.replicates.mean(axis=1) == pytest.approx([3.6, 3.7, 3.5], abs=0.1)
     assert comparison.ties == [by_w["2.0"]]
     text = comparison.sentence()
     assert text.startswith("1 configuration is within noise of the best by fid")
@@ -206,3 +212,35 @@ def test_plan_says_what_the_sample_size_resolves_and_warns_below_min_effect():
     assert needed == pytest.approx(400 * (_resolution(out) / 0.0005) ** 2, rel=0.1)
     assert "warning" not in _plan_output(f"base.eval.min_effect={2 * _resolution(out)}")
     assert "noise:" not in _plan_output("base.eval.floor_draws=0")
+
+
+def _run(params: dict, fid: float, i: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        data=SimpleNamespace(params={k: str(v) for k, v in params.items()}, metrics={"fid": fid}),
+        info=SimpleNamespace(run_id=f"r{i}", run_name=f"run {i}", start_time=i),
+    )
+
+
+def test_replicates_pair_seed_for_seed_across_configurations():
+    """Two configurations over the same three training seeds, the second 0.3 worse at every
+    seed, with seeds that differ by far more than that: paired seed for seed, the difference
+    stands out; seeds that do not match (another seed list) are compared unpaired and it does
+    not."""
+    rng = np.random.default_rng(0)
+    seed_effect = {0: -1.0, 1: 0.0, 2: 1.2}  # a seed's model is better or worse for both
+    noise = {s: rng.standard_normal(B) * 0.05 for s in seed_effect}
+    runs, replicates = [], {}
+    for i, (w, seed) in enumerate((w, s) for w in (1, 2) for s in seed_effect):
+        fid = 3.0 + seed_effect[seed] + 0.3 * (w == 2)
+        run = _run({"sample.guidance": w, "train.seed": seed}, fid, i)
+        runs.append(run)
+        replicates[run.info.run_id] = {"metrics": {"fid": (fid + noise[seed]).tolist()}}
+    comparison = compare(runs, "fid", True, lambda r: replicates[r.info.run_id])
+    best, other = comparison.configurations
+    assert best.n == other.n == 3 and other.diff == pytest.approx(0.3)
+    assert other.verdict == "worse" and other.diff_low > 0.2
+    # The same runs under other seeds for the second configuration: nothing to pair with.
+    for run, seed in zip(runs[3:], (5, 6, 7)):
+        run.data.params["train.seed"] = str(seed)
+    comparison = compare(runs, "fid", True, lambda r: replicates[r.info.run_id])
+    assert comparison.configurations[1].verdict == "within noise"
