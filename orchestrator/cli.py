@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     report.add_argument("--out", help="output directory (default: reports/<sweep>)")
     report.add_argument(
+        "--top", type=int, default=10, help="configurations in the best table (default 10)"
+    )
+    report.add_argument(
+        "--contrast",
+        action="append",
+        default=[],
+        metavar="KEY[=BASELINE]",
+        help="a table of every configuration against its twin at KEY = BASELINE (default: "
+        "KEY's smallest value), paired; e.g. --contrast sample.variance; repeatable",
+    )
+    report.add_argument(
         "--ui-url",
         help="where the MLflow UI is, for the HTML report's run links (default: the tracking "
         "server for an http(s) URI, else http://127.0.0.1:5000, where `mlflow ui` listens)",
@@ -151,7 +162,12 @@ def _run_report(args: argparse.Namespace) -> int:
 
     uri = existing_store(tracking_uri(args.tracking_uri))
     path = write_report(
-        args.sweep, uri, args.out or f"reports/{args.sweep}", ui_url=args.ui_url or ui_url(uri)
+        args.sweep,
+        uri,
+        args.out or f"reports/{args.sweep}",
+        args.top,
+        ui_url=args.ui_url or ui_url(uri),
+        contrast=args.contrast,
     )
     print(path.read_text())
     print(f"report: {path}")

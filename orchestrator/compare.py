@@ -21,9 +21,11 @@ read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +254,7 @@ def artifact_loader(client):
     """``load(run)``: the run's ``bootstrap.json`` as a dict, None where it has none."""
 
     def load(run) -> dict | None:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
             try:
                 path = client.download_artifacts(run.info.run_id, REPLICATES_ARTIFACT, tmp)
             except Exception as err:  # noqa: BLE001 - absent (bootstrap off, an older run)
@@ -261,3 +263,94 @@ def artifact_loader(client):
             return json.loads(Path(path).read_text())
 
     return load
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar on stderr for every download: one per run read."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@dataclass
+class Contrast:
+    """One configuration against the one that differs from it only in ``key``, set to the
+    baseline value: the difference of their means and its (paired) interval."""
+
+    key: str
+    baseline: str
+    value: str
+    setting: dict[str, str]  # the other keys that vary, as in both configurations
+    config: Configuration
+    reference: Configuration
+    diff: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.low):
+            return ""
+        return "within noise" if self.low <= 0 <= self.high else "differs"
+
+
+def contrasts(comparison: Comparison, key: str, baseline: str | None, load) -> list[Contrast]:
+    """Every configuration against its twin at ``key`` = ``baseline`` (default: the key's
+    smallest value): e.g. `sample.variance` gives fixed_large − fixed_small at every other
+    setting. Raises ValueError for a key that does not vary."""
+    configs = comparison.configurations
+    values = sorted({c.best_run.data.params.get(key) for c in configs} - {None}, key=_natural)
+    if len(values) < 2:
+        raise ValueError(
+            f"--contrast {key}: the sweep's runs do not vary in {key!r} "
+            f"(values: {values or 'none'})"
+        )
+    if baseline is None:
+        baseline = values[0]
+    if baseline not in values:
+        raise ValueError(f"--contrast {key}={baseline}: {key} takes {', '.join(values)}")
+
+    def rest(c: Configuration) -> tuple:
+        return tuple(kv for kv in config_key(c.best_run.data.params) if kv[0] != key)
+
+    twins = {rest(c): c for c in configs if c.best_run.data.params.get(key) == baseline}
+    varying = _varying([c.best_run.data.params for c in configs], exclude={key})
+    out = []
+    for c in configs:
+        reference = twins.get(rest(c))
+        value = c.best_run.data.params.get(key)
+        if reference is None or value == baseline:
+            continue
+        params = c.best_run.data.params
+        row = Contrast(key, baseline, value, {k: params.get(k, "") for k in varying}, c, reference)
+        row.diff = c.mean - reference.mean
+        if _read(c, load) and _read(reference, load):
+            row.low, row.high = _mean_interval(c, reference, comparison.confidence)
+        out.append(row)
+    out.sort(key=lambda r: ([_natural(v) for v in r.setting.values()], _natural(r.value)))
+    return out
+
+
+def _natural(value: str) -> tuple:
+    """Numbers by value, then strings: 2 < 10 < 'cosine'."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def _varying(params: list[dict], exclude: set[str]) -> list[str]:
+    keys = sorted(set().union(*params)) if params else []
+    return [
+        k
+        for k in keys
+        if k not in exclude and k not in REPLICATE_KEYS and len({p.get(k) for p in params}) > 1
+    ]

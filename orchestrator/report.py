@@ -34,9 +34,11 @@ from .compare import (
     REPLICATE_KEYS,
     Comparison,
     Configuration,
+    Contrast,
     artifact_loader,
     compare,
     config_key,
+    contrasts,
 )
 
 # (metric, lower is better) in order of preference: images have FID, 2-D data the distances.
@@ -189,6 +191,7 @@ def write_report(
     top: int = 10,
     *,
     ui_url: str | None = None,
+    contrast: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Write `report.md`, `report.html` and the plots to `out_dir`, log them to the sweep's
     parent run under `report/`, and return the path of `report.md`.
@@ -197,7 +200,9 @@ def write_report(
     MLflow's artifact viewer can show it. Its run links open the MLflow UI with
     `target="_top"`; `ui_url` is the UI's root address (e.g. `http://127.0.0.1:5000`); without
     it the links are root-relative (`/#/experiments/...`), which works only where the UI is
-    served at `/` of the host the page was loaded from."""
+    served at `/` of the host the page was loaded from. ``contrast``: keys (`KEY` or
+    `KEY=BASELINE`) whose values are compared pairwise at every other setting
+    (:func:`orchestrator.compare.contrasts`), a table each."""
     client = mlflow.MlflowClient(tracking_uri)
     parent, children = sweep_runs(client, name)
     evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
@@ -209,6 +214,11 @@ def write_report(
     quality, lower = quality_metric(evals)
     accuracy = next((m for m in ACCURACY_METRICS if m in evals[0].data.metrics), None)
     comparison = compare_evals(client, evals, quality, lower)
+    load = artifact_loader(client)
+    tables = {}
+    for spec in contrast:
+        key, _, baseline = spec.partition("=")
+        tables[key] = contrasts(comparison, key, baseline or None, load)
     train_axes = [k for k in _axes_that_vary(evals) if k not in REPLICATE_KEYS]
     group = [k for k in train_axes if k != "diffusion.schedule"]
     # Sampling axes besides the plots' x axes (sampler, guidance rescale, ...): a line each.
@@ -322,6 +332,7 @@ def write_report(
         evals=evals,
         best=comparison.configurations[:shown],
         comparison=comparison,
+        contrasts=tables,
         floor=floor,
         quality=quality,
         lower=lower,
@@ -349,6 +360,7 @@ class _Report:
     evals: list
     best: list[Configuration]  # best first: the top ones, and every one within noise
     comparison: Comparison
+    contrasts: dict[str, list[Contrast]]  # key -> each configuration against its baseline twin
     floor: tuple[float, float, int] | None  # the real data's (mean, sd, n) of `quality`
     quality: str | None
     lower: bool
@@ -401,6 +413,33 @@ class _Report:
             f"what a perfect model would score, and how much one cell's value moves by chance."
         )
 
+    def contrast_title(self, key: str, rows: list[Contrast]) -> str:
+        baseline = rows[0].baseline if rows else "?"
+        return f"Contrast: {key} against {key} = {baseline}, by {self.quality}"
+
+    def contrast_table(self, key: str, rows: list[Contrast]) -> tuple[list[str], list[list]]:
+        """Each configuration against its twin at the baseline: the setting, both values, the
+        difference with its paired interval, and whether it is within noise."""
+        pct = f"{100 * self.comparison.confidence:g} %"
+        setting = list(rows[0].setting) if rows else []
+        header = [*setting, key, self.quality, "at baseline", f"Δ [{pct} CI]", "verdict"]
+        body = []
+        for r in rows:
+            diff = f"{r.diff:+.3g}"
+            if not math.isnan(r.low):
+                diff += f" [{r.low:+.3g}, {r.high:+.3g}]"
+            body.append(
+                [
+                    *r.setting.values(),
+                    r.value,
+                    value_text(r.config),
+                    value_text(r.reference),
+                    diff,
+                    r.verdict,
+                ]
+            )
+        return header, body
+
     @property
     def table_header(self) -> list[str]:
         pct = f"{100 * self.comparison.confidence:g} %"
@@ -451,6 +490,11 @@ class _Report:
             vals += [_md_cell(v) for v in self.table_values(c)]
             vals += [f"`{r.info.run_id}`", _md_cell(names.get(train_id, train_id))]
             lines.append("| " + " | ".join(vals) + " |")
+        for key, rows in self.contrasts.items():
+            header, body = self.contrast_table(key, rows)
+            lines += ["", f"## {self.contrast_title(key, rows)}", ""]
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in body]
         # Relative names: the PNGs are written next to report.md (and logged next to it).
         lines += ["", "## Plots"]
         for f in self.figures:
@@ -516,6 +560,16 @@ class _Report:
                 f'<tr class="{verdict}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>"
             )
         body.append("</tbody></table>")
+        for key, rows in self.contrasts.items():
+            header, cells = self.contrast_table(key, rows)
+            body += [
+                f"<h2>{e(self.contrast_title(key, rows))}</h2>",
+                '<table class="contrast"><thead><tr>',
+                "".join(f"<th>{e(h)}</th>" for h in header),
+                "</tr></thead><tbody>",
+            ]
+            body += ["<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in cells]
+            body.append("</tbody></table>")
         if self.figures:
             body.append("<h2>Plots</h2>")
         for f in self.figures:

@@ -20,6 +20,7 @@ from orchestrator.compare import (
     artifact_loader,
     compare,
     config_key,
+    contrasts,
 )
 from orchestrator.report import write_report
 
@@ -244,3 +245,25 @@ def test_replicates_pair_seed_for_seed_across_configurations():
         run.data.params["train.seed"] = str(seed)
     comparison = compare(runs, "fid", True, lambda r: replicates[r.info.run_id])
     assert comparison.configurations[1].verdict == "within noise"
+
+
+def test_contrast_pairs_each_configuration_with_its_twin_at_the_baseline(store, tmp_path):
+    evals = _evals(store)
+    load = artifact_loader(store["client"])
+    comparison = compare(evals, "fid", True, load)
+    rows = {r.value: r for r in contrasts(comparison, "sample.guidance", "1.0", load)}
+    assert set(rows) == {"0.0", "2.0", "3.0", "4.0"}  # every other weight, against w=1
+    assert rows["2.0"].verdict == "within noise" and rows["2.0"].diff == pytest.approx(0.05)
+    assert rows["0.0"].verdict == "differs" and rows["0.0"].low > 0
+    assert rows["4.0"].verdict == "differs" and rows["3.0"].config.n == 3
+    with pytest.raises(ValueError, match="do not vary in 'sample.steps'"):
+        contrasts(comparison, "sample.steps", None, load)
+    with pytest.raises(ValueError, match="sample.guidance takes 0.0, 1.0, 2.0, 3.0, 4.0"):
+        contrasts(comparison, "sample.guidance", "7", load)
+    md = write_report(SWEEP, store["uri"], tmp_path, contrast=["sample.guidance=1.0"]).read_text()
+    section = md.split("## Contrast: sample.guidance against sample.guidance = 1.0, by fid")[1]
+    lines = [x for x in section.split("## Plots")[0].splitlines() if x.startswith("| ")]
+    assert lines[0] == (
+        "| sample.guidance | fid | at baseline | Δ [95 % CI] | verdict |"
+    )  # nothing else varies: no setting columns
+    assert len(lines) == 1 + 4 and sum("| within noise |" in x for x in lines) == 1
