@@ -241,26 +241,17 @@ class RealReference:
 
 
 def evaluate_images(
-    samples: Tensor,
-    requested_labels: Tensor | None,
-    real_x: Tensor,
-    classifier: EvalClassifier,
-    k: int = 3,
-    batch_size: int = 512,
-    inception_weights_path: str | Path | None = None,
-    reference: RealReference | None = None,
+    samples: Tensor, requested_labels: Tensor | None, real_x: Tensor, classifier, **options
 ) -> dict[str, float]:
     """All image metrics of one sample set against real data.
 
     Keys: `fid`, `precision`, `recall` (classifier feature space), `guided_accuracy` when
     `requested_labels` is given, and `fid_inception` when `inception_weights_path` is given.
-    `reference` is `RealReference.from_images(real_x, classifier, k, batch_size)` computed
-    beforehand by a caller that measures several sample sets against the same `real_x`.
+    ``options``: :func:`image_metrics`'s (`k`, `batch_size`, `inception_weights_path`, and
+    `reference`, `RealReference.from_images(real_x, classifier, k, batch_size)` computed
+    beforehand by a caller that measures several sample sets against the same `real_x`).
     """
-    return image_metrics(
-        samples, requested_labels, real_x, classifier, k, batch_size, inception_weights_path,
-        reference,
-    )[0]  # fmt: skip
+    return image_metrics(samples, requested_labels, real_x, classifier, **options)[0]
 
 
 def image_metrics(

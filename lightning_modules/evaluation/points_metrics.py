@@ -209,20 +209,16 @@ def _true_reference(
 
 
 def evaluate_points(
-    samples: Tensor,
-    requested_labels: Tensor | None,
-    truth: MixtureTruth,
-    k: float = 3.0,
-    reference_multiplier: int = 4,
-    seed: int = 0,
+    samples: Tensor, requested_labels: Tensor | None, truth: MixtureTruth, **options
 ) -> dict[str, float]:
-    """All 2-D point metrics of one sample set against the known truth.
+    """All 2-D point metrics of one sample set against the known truth (``options``:
+    :func:`point_metrics`'s `k`, `reference_multiplier`, `seed`).
 
     Distances compare against `reference_multiplier`× as many true samples (fixed `seed`).
     Keys: `sliced_wasserstein`, `energy_distance`, `modes_hit`, and when labels are given
     `mode_coverage` (mean over requested classes), `mode_coverage_class_{c}`, `label_accuracy`.
     """
-    return point_metrics(samples, requested_labels, truth, k, reference_multiplier, seed)[0]
+    return point_metrics(samples, requested_labels, truth, **options)[0]
 
 
 def point_metrics(
