@@ -226,22 +226,23 @@ def write_report(
     sample_group = [k for k in _axes_that_vary(evals, prefix_exclude=()) if k.startswith("sample.")]
     sample_group = [k for k in sample_group if k not in plotted]
 
-    def line_label(r, with_variance=True, without=()):
-        parts = [r.data.params.get("diffusion.schedule", "?")]
-        parts += [f"{k.split('.')[-1]}={r.data.params.get(k)}" for k in group]
+    def line_label(r, with_variance=True):
+        params = r.data.params
+        parts = [params["diffusion.schedule"]] if "diffusion.schedule" in params else []
+        parts += [f"{k.split('.')[-1]}={params.get(k)}" for k in group]
         if with_variance:
-            parts.append(r.data.params.get("sample.variance", "?"))
-            keys = [k for k in sample_group if k not in without]
-            parts += [f"{k.split('.')[-1]}={r.data.params.get(k)}" for k in keys]
-        return " ".join(parts)
+            parts.append(params.get("sample.variance", "?"))
+            parts += [f"{k.split('.')[-1]}={params.get(k)}" for k in sample_group]
+        return " ".join(parts) or r.info.run_name
 
     floor = noise_floor(evals, quality)
     figures = []
+    weights = {r.data.params.get("sample.guidance") for r in evals}
     for metric, fname in (
         (quality, "quality_vs_guidance.png"),
         (accuracy, "accuracy_vs_guidance.png"),
     ):
-        if metric is None:
+        if metric is None or len(weights) < 2:
             continue
         lines = defaultdict(list)
         for c in comparison_of(comparison, evals, metric, lower):
@@ -259,7 +260,7 @@ def write_report(
                 band=_band(noise_floor(evals, metric)),
             )
         )
-    if accuracy is not None and len({r.data.params.get("sample.guidance") for r in evals}) > 2:
+    if accuracy is not None and len(weights) > 2:
         # The guidance trade-off: each line runs through a training's guidance weights.
         frontier = defaultdict(list)
         by_accuracy = {
@@ -318,7 +319,7 @@ def write_report(
             )
         )
 
-    cols = [*train_axes, "sample.variance", "sample.guidance", "sample.steps"]
+    cols = [*train_axes, "sample.variance", "sample.guidance", "sample.steps", *sample_group]
     mcols = [
         m
         for m in (quality, accuracy, "precision", "recall", "mode_coverage")
