@@ -222,18 +222,19 @@ def _run(params: dict, fid: float, i: int) -> SimpleNamespace:
     )
 
 
-def test_replicates_pair_seed_for_seed_across_configurations():
-    """Two configurations over the same three training seeds, the second 0.3 worse at every
-    seed, with seeds that differ by far more than that: paired seed for seed, the difference
-    stands out; seeds that do not match (another seed list) are compared unpaired and it does
-    not."""
+@pytest.mark.parametrize("seed_key", ["train.seed", "sample.seed"])
+def test_replicates_pair_seed_for_seed_across_configurations(seed_key):
+    """Two configurations over the same three seeds (of training, or of sampling), the second
+    0.3 worse at every seed, with seeds that differ by far more than that: paired seed for seed,
+    the difference stands out; seeds that do not match (another seed list) are compared
+    unpaired and it does not."""
     rng = np.random.default_rng(0)
     seed_effect = {0: -1.0, 1: 0.0, 2: 1.2}  # a seed's model is better or worse for both
     noise = {s: rng.standard_normal(B) * 0.05 for s in seed_effect}
     runs, replicates = [], {}
     for i, (w, seed) in enumerate((w, s) for w in (1, 2) for s in seed_effect):
         fid = 3.0 + seed_effect[seed] + 0.3 * (w == 2)
-        run = _run({"sample.guidance": w, "train.seed": seed}, fid, i)
+        run = _run({"sample.guidance": w, seed_key: seed}, fid, i)
         runs.append(run)
         replicates[run.info.run_id] = {"metrics": {"fid": (fid + noise[seed]).tolist()}}
     comparison = compare(runs, "fid", True, lambda r: replicates[r.info.run_id])
@@ -242,7 +243,7 @@ def test_replicates_pair_seed_for_seed_across_configurations():
     assert other.verdict == "worse" and other.diff_low > 0.2
     # The same runs under other seeds for the second configuration: nothing to pair with.
     for run, seed in zip(runs[3:], (5, 6, 7)):
-        run.data.params["train.seed"] = str(seed)
+        run.data.params[seed_key] = str(seed)
     comparison = compare(runs, "fid", True, lambda r: replicates[r.info.run_id])
     assert comparison.configurations[1].verdict == "within noise"
 
