@@ -6,8 +6,9 @@
   the real data's own score at the cells' sample size (the metric's noise floor),
 - `quality_vs_guidance.png` and `accuracy_vs_guidance.png`: one line per schedule × variance,
   with the intervals as error bars and the noise floor as a grey band,
-- `quality_vs_accuracy.png`: the guidance trade-off, quality against guided accuracy along the
-  guidance weights, one line per training and sampling setting,
+- `quality_vs_accuracy.png` and `precision_vs_recall.png`: the guidance trade-offs, quality
+  against guided accuracy and precision against recall along the guidance weights, one line per
+  training and sampling setting,
 - `quality_vs_steps.png`: the quality metric against sampling steps, one line per variance,
 - `learning_curves.png`: val/loss_simple of every training run,
 - with ``contrast``, a table per key of every configuration against its twin at the baseline,
@@ -80,6 +81,21 @@ def comparison_of(comparison: Comparison, evals, metric: str, lower: bool) -> li
     if comparison.metric == metric:
         return comparison.configurations
     return compare(evals, metric, lower, lambda run: None, comparison.confidence).configurations
+
+
+def _along_guidance(comparison: Comparison, evals, x_metric: str, y_metric: str, label) -> dict:
+    """Lines of (x, y) through each training's guidance weights: every configuration's mean of
+    ``x_metric`` against its mean of ``y_metric``."""
+    xs = {
+        config_key(c.best_run.data.params): c.mean
+        for c in comparison_of(comparison, evals, x_metric, False)
+    }
+    lines = defaultdict(list)
+    for c in comparison_of(comparison, evals, y_metric, True):
+        key = config_key(c.best_run.data.params)
+        if key in xs:
+            lines[label(c.best_run)].append((xs[key], c.mean))
+    return lines
 
 
 def _band(floor) -> tuple[float, float] | None:
@@ -209,26 +225,23 @@ def write_report(
                 band=_band(noise_floor(evals, metric)),
             )
         )
-    if accuracy is not None and len(weights) > 2:
-        # The guidance trade-off: each line runs through a training's guidance weights.
-        frontier = defaultdict(list)
-        by_accuracy = {
-            config_key(c.best_run.data.params): c
-            for c in comparison_of(comparison, evals, accuracy, False)
-        }
-        for c in comparison.configurations:
-            acc = by_accuracy.get(config_key(c.best_run.data.params))
-            if acc is not None:
-                frontier[line_label(c.best_run)].append((acc.mean, c.mean))
-        figures.append(
-            _plot(
-                out / "quality_vs_accuracy.png",
-                f"{quality} against {accuracy}, along the guidance weights",
-                accuracy,
-                quality,
-                frontier,
+    has = set(evals[0].data.metrics)
+    trade_offs = [
+        (accuracy, quality, "quality_vs_accuracy.png"),  # the Inception-score analogue
+        ("recall", "precision", "precision_vs_recall.png"),  # fidelity against diversity
+    ]
+    for x_metric, y_metric, fname in trade_offs if len(weights) > 2 else []:
+        if x_metric in has and y_metric in has:
+            # The guidance trade-off: each line runs through a training's guidance weights.
+            figures.append(
+                _plot(
+                    out / fname,
+                    f"{y_metric} against {x_metric}, along the guidance weights",
+                    x_metric,
+                    y_metric,
+                    _along_guidance(comparison, evals, x_metric, y_metric, line_label),
+                )
             )
-        )
     steps_lines = defaultdict(list)
     for c in comparison.configurations:
         r = c.best_run
