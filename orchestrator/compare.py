@@ -37,7 +37,7 @@ from lightning_modules.evaluation.bootstrap import interval
 log = logging.getLogger(__name__)
 
 REPLICATE_KEYS = ("train.seed", "sample.seed")  # what replicates of a configuration differ in
-REPLICATES_ARTIFACT = "bootstrap.json"  # written by orchestrator/trial.py
+REPLICATES_ARTIFACT = "bootstrap.json"  # each eval run's replicates (orchestrator/trial.py)
 SEED_RESAMPLING_SEED = 0
 
 

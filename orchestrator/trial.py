@@ -32,6 +32,7 @@ from lightning_modules.evaluate import (
 )
 from lightning_modules.train import build_experiment, cuda_problem, fit
 
+from .compare import REPLICATES_ARTIFACT  # what compare.py pairs cells by
 from .metric_log import PENDING_FILE, DurableMLFlowLogger, dump_metrics, load_metrics
 from .phases import PhaseTimer, TimedClient
 from .plan import Cell, Plan, run_name
@@ -381,7 +382,6 @@ def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, result) 
 # One name, at the artifact root, in every eval run: MLflow's compare page lists the files that
 # the runs' artifact roots have in common (not folders) and shows them side by side.
 GRID_ARTIFACT = "grid.png"
-REPLICATES_ARTIFACT = "bootstrap.json"  # what orchestrator/compare.py pairs cells by
 
 
 def log_cell_artifacts(client, run_id: str, result) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from orchestrator.trial import GRID_ARTIFACT
+from orchestrator.trial import GRID_ARTIFACT, REPLICATES_ARTIFACT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def test_figures_per_backend_and_size(quick):
             assert 0 < r["cell_ms"][key] < 10_000
         assert r["open_ms"]["median"] > 0 and r["finish_ms"]["median"] > 0
         assert r["tracking_ms_per_cell"] > 0 and r["report_s"] > 0 and r["cli_report_s"] > 0
-        assert {"create_run", "log_artifact", "set_terminated"} <= set(r["cell_calls_ms_median"])
+        assert {"create_run", "log_artifacts", "set_terminated"} <= set(r["cell_calls_ms_median"])
         assert len(r["cell_ms_median_by_tenth"]) == 10
         assert r["verified"] == {
             "eval_runs": int(n), "finished": int(n), "with_metrics": int(n),
@@ -69,11 +69,12 @@ def test_every_cell_run_finished_with_its_grid_and_the_report_written(quick, n):
                 for r in evals}) == n  # fmt: skip
     for r in evals:
         assert r.info.status == "FINISHED"
-        assert set(r.data.metrics) == {
-            "fid", "guided_accuracy", "precision", "recall", "sample_seconds",
-        }  # fmt: skip
+        quality = {"fid", "guided_accuracy", "precision", "recall"}
+        derived = {f"{m}_{d}" for m in quality for d in ("ci_low", "ci_high", "floor", "floor_sd")}
+        assert set(r.data.metrics) == quality | derived | {"sample_seconds"}
         assert "sample.guidance" in r.data.params and "eval.num_samples" in r.data.params
-        assert GRID_ARTIFACT in {f.path for f in client.list_artifacts(r.info.run_id)}
+        files = {f.path for f in client.list_artifacts(r.info.run_id)}
+        assert {GRID_ARTIFACT, REPLICATES_ARTIFACT} <= files
     (parent,) = [r for r in runs if r.data.tags.get("ddpm_sweep.role") == "sweep"]
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= logged
