@@ -32,7 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.evaluation.bootstrap import interval
+
+def interval(estimate: float, replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    """lightning_modules/evaluation/bootstrap.py's `interval`, the percentile interval of the
+    replicates shifted by their bias, again in NumPy alone: importing that module imports torch
+    (its package does), which put 2.2 s on every `ddpm-sweep report` (benchmarks/
+    tracking_scale.py). tests/test_compare.py holds the two equal."""
+    reps = np.asarray(replicates, dtype=np.float64).ravel()
+    reps = reps[np.isfinite(reps)]
+    if len(reps) < 2 or not math.isfinite(estimate):
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(reps, [tail, 1 - tail]) - (reps.mean() - estimate)
+    return float(low), float(high)
+
 
 log = logging.getLogger(__name__)
 

@@ -268,3 +268,20 @@ def test_contrast_pairs_each_configuration_with_its_twin_at_the_baseline(store, 
         "| sample.guidance | fid | at baseline | Δ [95 % CI] | verdict |"
     )  # nothing else varies: no setting columns
     assert len(lines) == 1 + 4 and sum("| within noise |" in x for x in lines) == 1
+
+
+def test_the_reports_interval_is_the_cells_interval():
+    """compare.py keeps a NumPy copy of bootstrap.interval (so that `ddpm-sweep report` does
+    not import torch): the two agree."""
+    import torch
+
+    from lightning_modules.evaluation.bootstrap import interval as cell_interval
+    from orchestrator.compare import interval as report_interval
+
+    rng = np.random.default_rng(0)
+    for estimate, confidence in ((1.3, 0.95), (0.2, 0.9), (5.0, 0.99)):
+        reps = estimate + rng.gamma(2.0, 0.3, size=200)  # skewed, biased upwards like FID's
+        reps[3] = np.nan  # a failed replicate is left out by both
+        expected = cell_interval(estimate, torch.from_numpy(reps), confidence)
+        assert report_interval(estimate, reps, confidence) == pytest.approx(expected, rel=1e-12)
+    assert all(math.isnan(x) for x in report_interval(math.nan, reps, 0.95))
