@@ -185,4 +185,8 @@ class DurableMLFlowLogger(MLFlowLogger):
                 f"MLflow did not take {len(left)} metrics of run {self.run_id} in "
                 f"{FINAL_TIMEOUT_S:.0f} s ({self.writer.last_error})"
             )
-        super().finalize(status)
+        # Not MLFlowLogger.finalize: it would end the run FINISHED or FAILED, and the status is
+        # the trial's to set (FINISHED after its evaluations, KILLED when Tune stops it, FAILED
+        # on an error). Lightning finalizes "failed" on *any* interruption, Tune's stop
+        # (SystemExit) included; when Tune then tore the stopped last trial's actor down before
+        # the trial's own KILLED, the run was left FAILED (tests/test_sweep.py, ASHA).
