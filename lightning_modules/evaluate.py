@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,6 +231,8 @@ class EvalResult:
     image: Path
     measure_seconds: float = 0.0  # computing its metrics, wall-clock (not logged)
     replicates: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (B,)
+    samples: int = 0  # how many samples the metrics are of
+    stopped: bool = False  # stopped early (evaluate_chunked): the metrics are of `samples` only
 
     def replicates_json(self) -> dict:
         """The replicates as a cell logs them (``bootstrap.json``): a later comparison with
@@ -269,12 +272,15 @@ def evaluate_group(
     precision: str = "auto",
     with_metrics: bool = True,
     context: EvalContext | None = None,
+    chunks: int = 1,
 ) -> list[EvalResult]:
     """Sample cells that differ only in guidance weight together (one is a group too) and
     measure each. Every cell starts from the same noise and labels (the spec's seed,
     class-major balanced labels), so cells of one model compare like with like, and a cell
     evaluated alone gives the same samples as within a grid or a group. A cell's
-    ``sample_seconds`` is its share of the group's sampling time (the group's time / k)."""
+    ``sample_seconds`` is its share of the group's sampling time (the group's time / k).
+    ``chunks``: draw the samples in that many class-balanced chunks (:func:`eval_chunks`), as
+    :func:`evaluate_chunked` does, so that these cells are those cells drawn to the end."""
     out_dir = Path(out_dir)
     device = sampling_device(module.cfg)
     module.to(device)
@@ -282,8 +288,9 @@ def evaluate_group(
     n = eval_cfg.num_samples if with_metrics else per_class * max(1, ctx.num_classes)
     labels = eval_labels(ctx.num_classes, n, per_class)
     start = time.perf_counter()
+    order = None if chunks == 1 else eval_chunks(labels, n, chunks)
     samples = module.sample_many(
-        labels, specs, num_samples=n, batch_size=batch_size, precision=precision
+        labels, specs, num_samples=n, batch_size=batch_size, precision=precision, chunks=order
     )
     seconds = (time.perf_counter() - start) / len(specs)
     return [
@@ -298,6 +305,7 @@ def _measure_cell(ctx, datamodule, spec, x, labels, per_class, out_dir, seconds,
         title = f"w={spec.guidance:g} {spec.variance} {spec.steps} steps"
         save_points_plot(x, labels, png, truth=datamodule.truth, title=title)
     else:
+        per_class = min(per_class, len(x) // max(1, ctx.num_classes))  # a cell stopped early
         sub = _grid_subset(x, ctx.num_classes, per_class)
         save_sample_grid(sub, png, nrow=per_class)
     start = time.perf_counter()
@@ -307,8 +315,95 @@ def _measure_cell(ctx, datamodule, spec, x, labels, per_class, out_dir, seconds,
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics = with_intervals(metrics, replicates, ctx.confidence)
         metrics |= ctx.floor(labels, len(x))
-    result = EvalResult(spec, metrics, seconds, png, time.perf_counter() - start, replicates)
+    measured = time.perf_counter() - start
+    result = EvalResult(spec, metrics, seconds, png, measured, replicates, samples=len(x))
     log.info("evaluated %s", {k: v for k, v in result.as_dict().items() if k != "image"})
+    return result
+
+
+def eval_chunks(labels: torch.Tensor | None, n: int, chunks: int) -> list[torch.Tensor]:
+    """The positions of n samples split into ``chunks`` parts, each with its share of every
+    class: the eval labels are class-major, so a prefix would hold the first classes only. Class
+    c's positions are split at floor(j * n_c / chunks); without labels, 0..n-1 in order."""
+    groups = [torch.arange(n)] if labels is None else _by_class(labels)
+    parts = [[] for _ in range(chunks)]
+    for members in groups:
+        bounds = [j * len(members) // chunks for j in range(chunks + 1)]
+        for j in range(chunks):
+            parts[j].append(members[bounds[j] : bounds[j + 1]])
+    return [torch.cat(p) for p in parts]
+
+
+def _by_class(labels: torch.Tensor) -> list[torch.Tensor]:
+    return [(labels == c).nonzero().flatten() for c in labels.unique(sorted=True)]
+
+
+# What a caller of evaluate_chunked answers after each chunk but the last, given (samples so far,
+# their metrics with intervals, their bootstrap replicates): stop the cell here?
+ChunkCallback = Callable[[int, dict[str, float], dict[str, torch.Tensor]], bool]
+
+
+def evaluate_chunked(
+    module: DiffusionModule,
+    datamodule,
+    spec: SamplingSpec,
+    eval_cfg,
+    out_dir: str | Path,
+    *,
+    chunks: int,
+    on_chunk: ChunkCallback,
+    per_class: int = 10,
+    batch_size: int = 512,
+    precision: str = "auto",
+    context: EvalContext | None = None,
+) -> EvalResult:
+    """One cell, multi-fidelity: its evaluation set drawn in ``chunks`` class-balanced chunks
+    (:func:`eval_chunks`), measured on the samples so far after each chunk and handed to
+    ``on_chunk``, which may stop it there. A cell drawn to the end is the cell
+    :func:`evaluate_group` draws with the same ``chunks`` (same noise, labels and samples). Its
+    partial measurements are paired with every other cell's at the same chunk: the same
+    positions, labels and noise, and the bootstrap counts of :meth:`EvalContext.resamples` for
+    that many samples of the spec's seed. A stopped cell's result is measured on the samples it
+    reached (``samples``, ``stopped``)."""
+    out_dir = Path(out_dir)
+    device = sampling_device(module.cfg)
+    module.to(device)
+    ctx = context or prepare_context(datamodule, eval_cfg, device=device)
+    labels = eval_labels(ctx.num_classes, eval_cfg.num_samples, per_class)
+    n = eval_cfg.num_samples if labels is None else len(labels)
+    parts = eval_chunks(labels, n, chunks)
+    x = done = None
+    seconds, measuring, stopped = 0.0, 0.0, False
+    start = time.perf_counter()
+    drawn = module.sample_chunks(
+        labels, [spec], num_samples=n, batch_size=batch_size, precision=precision, chunks=parts
+    )
+    for j, (index, (chunk,)) in enumerate(drawn):
+        seconds += time.perf_counter() - start
+        if x is None:
+            x = torch.empty(n, *chunk.shape[1:], dtype=chunk.dtype)
+        x[index] = chunk
+        done = index if done is None else torch.cat([done, index])
+        if j == len(parts) - 1:
+            break
+        start = time.perf_counter()
+        pos = done.sort().values
+        sub = None if labels is None else labels[pos]
+        metrics, replicates = ctx.measure(x[pos], sub, ctx.resamples(len(pos), sub, spec.seed))
+        metrics = with_intervals(
+            {k: float(v) for k, v in metrics.items()}, replicates, ctx.confidence
+        )
+        measuring += time.perf_counter() - start
+        if on_chunk(len(pos), metrics, replicates):
+            stopped = True
+            break
+        start = time.perf_counter()
+    drawn.close()
+    pos = done.sort().values
+    sub = None if labels is None else labels[pos]
+    result = _measure_cell(ctx, datamodule, spec, x[pos], sub, per_class, out_dir, seconds, True)
+    result.measure_seconds += measuring
+    result.stopped = stopped
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,44 +217,76 @@ class DiffusionModule(pl.LightningModule):
         num_samples: int | None = None,
         batch_size: int = 512,
         precision: str = "auto",
+        chunks: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`sample` for several specs that differ only in guidance weight (one cell's
         weights): drawn together, one forward pass per step over all of them, each from its own
         seed's noise, so each spec's samples are the samples :meth:`sample` draws for it (up
         to floating-point reassociation). Each spec's N samples go in chunks of ``batch_size``
         as they would alone, so one pass holds up to k x batch_size samples (x 2 when guided):
-        whoever groups specs decides whether that fits and pays (see ``evaluate``)."""
+        whoever groups specs decides whether that fits and pays (see ``evaluate``).
+        ``chunks``: the order of drawing (:meth:`sample_chunks`)."""
+        n = labels.shape[0] if labels is not None else num_samples
+        out = [None] * len(specs)
+        for index, xs in self.sample_chunks(
+            labels, specs, num_samples=n, batch_size=batch_size, precision=precision, chunks=chunks
+        ):
+            for i, x in enumerate(xs):
+                if out[i] is None:
+                    out[i] = torch.empty(n, *x.shape[1:], dtype=x.dtype)
+                out[i][index] = x
+        return out
+
+    @torch.no_grad()
+    def sample_chunks(
+        self,
+        labels: torch.Tensor | None,
+        specs: list[SamplingSpec],
+        *,
+        num_samples: int | None = None,
+        batch_size: int = 512,
+        precision: str = "auto",
+        chunks: list[torch.Tensor] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Draw the N samples chunk by chunk, yielding (the chunk's positions, each spec's
+        samples there) as each chunk is done, so that a caller can measure a cell on its first
+        chunks and stop it early. ``chunks`` are position index tensors covering 0..N-1 once
+        (default: one chunk, in order); each is drawn in batches of ``batch_size``, and every
+        spec's generator runs on across batches and chunks: the same chunks give the same
+        samples however far one goes, and a cell drawn to the end in chunks is the cell drawn
+        whole with the same chunks."""
         if labels is None and num_samples is None:
             raise ValueError("pass labels (a conditional model) or num_samples (unconditional)")
         if labels is not None and self.null_label is None:
             raise ValueError("this model is unconditional: sample it with labels=None")
         specs = [self._resolve(spec) for spec in specs]
         n = labels.shape[0] if labels is not None else num_samples
+        chunks = [torch.arange(n)] if chunks is None else chunks
         net = self._sampling_net(self.sampling_dtype(precision))
-        was_training = self.net.training
-        self.net.eval()
-        chunks: list[list[torch.Tensor]] = [[] for _ in specs]
-        try:
-            gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in specs]
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                y = None if labels is None else labels[start:stop].to(self.device)
-                xs = sample_specs(
-                    net,
-                    self.process,
-                    (stop - start, *self.data_shape),
-                    specs,
-                    generators=gens,
-                    labels=y,
-                    prediction=self.cfg.diffusion.prediction,
-                    null_label=self.null_label,
-                    device=self.device,
-                )
-                for out, x in zip(chunks, xs):
+        gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in specs]
+        for chunk in chunks:
+            drawn: list[list[torch.Tensor]] = [[] for _ in specs]
+            for start in range(0, len(chunk), batch_size):
+                index = chunk[start : start + batch_size]
+                was_training = self.net.training
+                self.net.eval()
+                try:
+                    xs = sample_specs(
+                        net,
+                        self.process,
+                        (len(index), *self.data_shape),
+                        specs,
+                        generators=gens,
+                        labels=None if labels is None else labels[index].to(self.device),
+                        prediction=self.cfg.diffusion.prediction,
+                        null_label=self.null_label,
+                        device=self.device,
+                    )
+                finally:
+                    self.net.train(was_training)
+                for out, x in zip(drawn, xs):
                     out.append(x.float().cpu())
-        finally:
-            self.net.train(was_training)
-        return [torch.cat(c) for c in chunks]
+            yield chunk, [torch.cat(d) for d in drawn]
 
     def _resolve(self, spec: SamplingSpec) -> SamplingSpec:
         if get_variance(spec.variance).learned and not self.variance.learned:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from lightning_modules.diffusion import SAMPLING_SPEC_KEYS, SamplingSpec, get_va
 from lightning_modules.evaluate import eval_labels
 from lightning_modules.train import check_network
 
-from .sweep_config import Axis, Sweep, TuneSettings, load_sweep, training_grid
+from .sweep_config import Axis, SampleSearch, Sweep, TuneSettings, load_sweep, training_grid
 from .tracking import cell_suffix
 
 
@@ -50,6 +50,50 @@ class Cell:
     def params(self) -> dict[str, str]:
         """The cell's own settings as MLflow params (`sample.guidance`, ...)."""
         return {f"sample.{k}": str(v) for k, v in self.spec.as_dict().items()}
+
+
+# The metrics a sampling search can optimise, by data kind, and their direction (each has
+# bootstrap replicates, which the paired pruner compares).
+SEARCH_METRICS = {
+    "image": {"fid": "min", "precision": "max", "recall": "max", "guided_accuracy": "max"},
+    "points": {
+        "sliced_wasserstein": "min",
+        "energy_distance": "min",
+        "modes_hit": "max",
+        "mode_coverage": "max",
+        "label_accuracy": "max",
+    },
+}
+LABELLED_METRICS = ("guided_accuracy", "mode_coverage", "label_accuracy")
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What each training searches (``sample_search``): the searched sampling axes, a study per
+    cell of the plan (a grid combination of the sampling lists, its searched keys left to the
+    study), the objective and the budget."""
+
+    settings: SampleSearch
+    axes: list[Axis]
+    metric: str
+    lower: bool
+
+    @property
+    def fields(self) -> list[str]:
+        """The searched SamplingSpec fields (`guidance`, `eta`, ...)."""
+        return [a.key.split(".", 1)[1] for a in self.axes]
+
+    def describe(self) -> str:
+        s = self.settings
+        stop = {
+            "none": "never stopped early",
+            "paired": "stopped early once clearly worse than the best (paired)",
+        }.get(s.pruner, f"stopped early by Optuna's {s.pruner} pruner")
+        return (
+            f"searched: {s.algorithm} (seed {s.seed}), {s.cells} cells a study, "
+            f"{'min' if self.lower else 'max'} {self.metric}; each cell measured after each of "
+            f"{s.chunks} chunk(s) of its samples and {stop}"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +125,7 @@ class Plan:
     cells: list[Cell]
     costs: Costs
     sampled_axes: list[Axis] = field(default_factory=list)  # training axes Tune draws from
+    search: SearchPlan | None = None  # sampling axes searched per training (cells: one study each)
 
     @property
     def name(self) -> str:
@@ -111,7 +156,8 @@ class Plan:
         return LABEL_SEP.join(parts)
 
     def cells_for(self, params: dict[str, Any]) -> list[Cell]:
-        """The cells a training evaluates: all of them (train once, sample many)."""
+        """The cells a training evaluates: all of them (train once, sample many). With a
+        sampling search, each is a study's grid combination, its searched keys left open."""
         return self.cells
 
     def table(self) -> str:
@@ -138,12 +184,31 @@ class Plan:
             lines += _table(["#", *axes], rows)
         else:
             lines.append("  (one training: the base config)")
-        lines.append(f"sampling cells per training: {c.cells}")
+        search = self.search
+        searched = search.fields if search else []
         varying = [
-            k for k in SAMPLING_SPEC_KEYS if len({getattr(x.spec, k) for x in self.cells}) > 1
+            k
+            for k in SAMPLING_SPEC_KEYS
+            if len({getattr(x.spec, k) for x in self.cells}) > 1 and k not in searched
         ]
-        rows = [[x.key, *(_show(getattr(x.spec, k)) for k in varying)] for x in self.cells]
-        lines += _table(["cell", *varying], rows)
+        if search:
+            lines.append(
+                f"sampling cells per training: {c.cells} ({len(self.cells)} "
+                f"stud{'y' if len(self.cells) == 1 else 'ies'} of {search.settings.cells})"
+            )
+            lines.append("  " + search.describe())
+            for a in search.axes:
+                lines.append(f"  {a.key} ~ {a.kind}{a.values}")
+        else:
+            lines.append(f"sampling cells per training: {c.cells}")
+        rows = [
+            [x.key, *(_show(getattr(x.spec, k)) for k in varying)]
+            + (["~ searched"] if search else [])
+            for x in self.cells
+        ]
+        lines += _table(
+            ["study" if search else "cell", *varying] + (searched and [", ".join(searched)]), rows
+        )
         lines.append(
             f"evaluated pairs: {c.evaluated_pairs} (a naive grid over every axis would train "
             f"{c.naive_trainings} times); training steps: {c.training_steps:,}; sampling: "
@@ -201,7 +266,8 @@ def build_plan(
 
 def _build(sweep: Sweep, local_data: bool) -> Plan:
     _check_sampling_axes(sweep)
-    cells = plan_cells(sweep)
+    search = _search_plan(sweep)
+    cells = plan_cells(sweep, search.fields if search else ())
     sampled = [a for a in sweep.training_axes if a.kind != "grid"]
     trainings = []
     for combo in training_grid(sweep):
@@ -212,21 +278,52 @@ def _build(sweep: Sweep, local_data: bool) -> Plan:
         params = combo | {a.key: _representatives([a])[0][a.key] for a in sampled}
         trainings.append(Training(combo, resolve(sweep, params, cells)))
     _check_devices(sweep)
-    return Plan(sweep, trainings, cells, _costs(sweep, trainings, cells), sampled)
+    costs = _costs(sweep, trainings, cells, search)
+    return Plan(sweep, trainings, cells, costs, sampled, search)
 
 
 def _representatives(axes: list[Axis]) -> list[dict[str, Any]]:
     """Values that stand for every draw of the distributions: all choices, both bounds."""
-    options = [a.values if a.kind == "choice" else list(a.values) for a in axes]
+    options = [a.extremes() for a in axes]
     return [dict(zip([a.key for a in axes], combo)) for combo in itertools.product(*options)]
 
 
-def plan_cells(sweep: Sweep) -> list[Cell]:
+def _search_plan(sweep: Sweep) -> SearchPlan | None:
+    """The sampling search's objective, checked against what the data's cells measure."""
+    settings = sweep.sample_search
+    if settings is None:
+        return None
+    data = describe_data(sweep.base.data)
+    offered = {
+        k: v
+        for k, v in SEARCH_METRICS[data.kind].items()
+        if data.num_classes or k not in LABELLED_METRICS
+    }
+    metric = settings.metric or next(iter(offered))
+    if metric not in offered:
+        raise ConfigError(
+            f"{sweep.source}: sample_search.metric = {metric!r} is invalid: expected a metric "
+            f"every cell of {data.name} measures, with intervals: one of {list(offered)}",
+            "sample_search.metric",
+        )
+    if sweep.base.eval.bootstrap == 0 and settings.pruner == "paired":
+        raise ConfigError(
+            f"{sweep.source}: sample_search.pruner = 'paired' compares a cell's bootstrap "
+            "replicates with the best's, but base.eval.bootstrap = 0: set eval.bootstrap (e.g. "
+            "200) or another pruner",
+            "sample_search.pruner",
+        )
+    lower = (settings.mode or offered[metric]) == "min"
+    return SearchPlan(settings, sweep.searched_axes, metric, lower)
+
+
+def plan_cells(sweep: Sweep, searched: list[str] | tuple[str, ...] = ()) -> list[Cell]:
     """The sampling cells: every combination of the other sampling axes, times the base's
     guidance, variance and steps lists (which their axes, if any, have replaced when the sweep
-    was read). Names as in MLflow."""
+    was read). Names as in MLflow. ``searched``: the SamplingSpec fields a study searches; each
+    cell is then a study's grid combination, named without them (its spec holds placeholders)."""
     lists = {f"sample.{k}" for k in CELL_LISTS}
-    grid_axes = [a for a in sweep.sampling_axes if a.key not in lists]
+    grid_axes = [a for a in sweep.sampling_axes if a.key not in lists and a.kind == "grid"]
     sample = sweep.base.sample
     cells = []
     for combo in itertools.product(*[a.values for a in grid_axes]):
@@ -234,10 +331,33 @@ def plan_cells(sweep: Sweep) -> list[Cell]:
         cfg = OmegaConf.merge(sample, {k.split(".", 1)[1]: v for k, v in scalars.items()})
         for spec in sampling_specs(cfg):
             extra = [f"{k.split('.', 1)[1]}={_show(v)}" for k, v in scalars.items()]
+            if searched:
+                cells.append(_study_cell(spec, searched, extra))
+                continue
             key = " ".join([cell_suffix(spec.guidance, spec.variance, spec.steps), *extra])
             label = [spec.variance, f"w={spec.guidance:g}", f"{spec.steps} steps", *extra]
             cells.append(Cell(spec, key, LABEL_SEP.join(label)))
     return cells
+
+
+def _study_cell(spec: SamplingSpec, searched, extra: list[str]) -> Cell:
+    """A study's grid combination: the cell lists' values it fixes, and the other grid axes'."""
+    fixed = [
+        part
+        for name, part in (
+            ("variance", spec.variance),
+            ("guidance", f"w={spec.guidance:g}"),
+            ("steps", f"{spec.steps} steps"),
+        )
+        if name not in searched
+    ]
+    label = LABEL_SEP.join([*fixed, *extra])
+    key = (
+        "search " + " ".join(p.replace(" ", "") for p in [*fixed, *extra])
+        if fixed or extra
+        else "search"
+    )
+    return Cell(spec, key.strip(), label)
 
 
 def _nested(params: dict[str, Any]) -> dict:
@@ -317,21 +437,43 @@ def check_training(
         key = re.split(r"[:= []", str(err), maxsplit=1)[0]
         key = key if key.startswith("network") else "network"
         raise fail(str(err), key, _axis_key(sweep, params, key)) from None
+    searched = sweep.searched_axes
     for cell in cells:
-        problem = cell_problem(cell.spec, config)
-        if problem:
-            key, message = problem
-            raise fail(f"sample.{key}{message}", f"sample.{key}", _cell_key(sweep, cell, key))
+        for draw in _representatives(searched):  # each extreme of every searched distribution
+            probe = replace(cell, spec=replace(cell.spec, **_spec_values(draw)))
+            problem = cell_problem(probe.spec, config)
+            if problem:
+                key, message = problem
+                raise fail(f"sample.{key}{message}", f"sample.{key}", _cell_key(sweep, probe, key))
+
+
+def _spec_values(draw: dict[str, Any]) -> dict[str, Any]:
+    """`{"sample.steps": 7}` -> SamplingSpec fields `{"steps": 7}` (a guidance interval as a
+    tuple, a guidance weight as a float)."""
+    out = {}
+    for key, value in draw.items():
+        name = key.split(".", 1)[1]
+        if name == "guidance_interval" and value is not None:
+            value = tuple(value)
+        elif name in ("guidance", "guidance_rescale", "eta"):
+            value = float(value)
+        out[name] = value
+    return out
 
 
 def _check_sampling_axes(sweep: Sweep) -> None:
     """Each value of each sampling axis, on its own, as the `sample` section would take it."""
     for axis in sweep.sampling_axes:
         field_name = axis.key.split(".", 1)[1]
-        values = axis.flat_values() if field_name in CELL_LISTS else axis.values
+        if axis.kind != "grid":
+            values = axis.extremes()
+        else:
+            values = axis.flat_values() if field_name in CELL_LISTS else axis.values
         for i, value in enumerate(values):
             one = [value] if field_name in CELL_LISTS else value
-            located = f"search.{axis.key}[{i}]"
+            located = (
+                _searched_key(axis, value) if axis.kind != "grid" else f"search.{axis.key}[{i}]"
+            )
             try:
                 sample = OmegaConf.merge(sweep.base.sample, {field_name: one})
                 validate_sample_config(sample, sweep.base.diffusion.timesteps, sweep.source)
@@ -339,8 +481,11 @@ def _check_sampling_axes(sweep: Sweep) -> None:
                 if err.key and err.key.split("[", 1)[0] != axis.key:
                     continue  # another key of the base (its own error, reported elsewhere)
                 expected = str(err).split(" is invalid: ", 1)[-1]
+                shown = repr(value)
+                if axis.kind in ("uniform", "loguniform", "randint"):
+                    shown = f"{axis.values!r} reaches {value!r}, which"
                 raise ConfigError(
-                    f"{sweep.source}: {located} = {value!r} is invalid: {expected}", located
+                    f"{sweep.source}: {located} = {shown} is invalid: {expected}", located
                 ) from None
             except OmegaConfBaseException as err:
                 raise ConfigError(
@@ -349,11 +494,22 @@ def _check_sampling_axes(sweep: Sweep) -> None:
                 ) from None
 
 
+def _searched_key(axis: Axis, value) -> str:
+    """Where a distribution's value was written: `search.sample.eta.choice[1]`, or the
+    distribution itself for a bound (`search.sample.steps.randint`)."""
+    if axis.kind == "choice":
+        index = next((i for i, v in enumerate(axis.values) if v == value), None)
+        return f"search.{axis.key}.choice" + (f"[{index}]" if index is not None else "")
+    return f"search.{axis.key}.{axis.kind}"
+
+
 def _cell_key(sweep: Sweep, cell: Cell, key: str) -> str:
     """Where the value of ``key`` (a SamplingSpec field) of ``cell`` was written: its axis
     value (`search.sample.steps[1]`) or the base's (`base.sample.steps[0]`)."""
     value = getattr(cell.spec, key)
     for axis in sweep.sampling_axes:
+        if axis.key == f"sample.{key}" and axis.kind != "grid":
+            return _searched_key(axis, value)
         if axis.key == f"sample.{key}":
             values = axis.flat_values() if key in CELL_LISTS else axis.values
             index = next((i for i, v in enumerate(values) if v == value), None)
@@ -418,23 +574,37 @@ def _check_devices(sweep: Sweep) -> None:
         )
 
 
-def _costs(sweep: Sweep, trainings: list[Training], cells: list[Cell]) -> Costs:
+def _costs(
+    sweep: Sweep, trainings: list[Training], cells: list[Cell], search: SearchPlan | None = None
+) -> Costs:
+    """What the plan costs; with a sampling search, at most (every cell drawn to the end, at
+    its distributions' costliest: most steps, guided)."""
     n_trainings = len(trainings) * sweep.tune.num_samples
     base = sweep.base
     classes = describe_data(base.data).num_classes or 0
     labels = eval_labels(classes, base.eval.num_samples, base.sample.per_class)
     examples = base.eval.num_samples if labels is None else len(labels)
+    per_study = search.settings.cells if search else 1
+    worst = {}
+    for axis in search.axes if search else []:
+        name = axis.key.split(".", 1)[1]
+        if name == "steps":
+            worst["steps"] = max(v for v in axis.extremes() if v is not None)
+        if name == "guidance":
+            worst["guidance"] = 2.0 if len(set(axis.extremes())) > 1 else axis.extremes()[0]
     forwards = 0
     for t in trainings:
         for cell in cells:
-            steps = cell.spec.steps or t.config.diffusion.timesteps
-            passes = 1 if cell.spec.guidance in (0, 1) else 2  # CFG: a doubled batch
-            forwards += examples * steps * passes
+            spec = replace(cell.spec, **worst)
+            steps = spec.steps or t.config.diffusion.timesteps
+            passes = 1 if spec.guidance in (0, 1) else 2  # CFG: a doubled batch
+            forwards += examples * steps * passes * per_study
+    n_cells = len(cells) * per_study
     return Costs(
         trainings=n_trainings,
-        cells=len(cells),
-        evaluated_pairs=n_trainings * len(cells),
-        naive_trainings=n_trainings * len(cells),
+        cells=n_cells,
+        evaluated_pairs=n_trainings * n_cells,
+        naive_trainings=n_trainings * n_cells,
         training_steps=sweep.tune.num_samples * sum(t.config.train.max_steps for t in trainings),
         sampling_forwards=sweep.tune.num_samples * forwards,
     )

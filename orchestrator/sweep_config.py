@@ -48,7 +48,20 @@ SCHEDULERS = ("fifo", "asha")
 # What a training trial reports to Tune at each validation (ASHA and the searchers use these).
 TRAINING_METRICS = ("val/loss_simple", "val/bpd", "train/loss")
 SAMPLING_SECTION = "sample"  # every key under it is sampling-time: see is_sampling_time
-TOP_LEVEL = ("name", "base", "search", "tune")
+TOP_LEVEL = ("name", "base", "search", "tune", "sample_search")
+SEARCH_ALGORITHMS = ("tpe", "random")  # sample_search.algorithm: Optuna's samplers
+PRUNERS = ("paired", "halving", "median", "none")  # sample_search.pruner
+# What a distribution on a sampling-time key may be: by the key's type (the SamplingSpec field).
+SEARCHABLE = {
+    "guidance": ("uniform", "loguniform", "choice"),
+    "guidance_rescale": ("uniform", "choice"),
+    "eta": ("uniform", "loguniform", "choice"),
+    "steps": ("randint", "choice"),
+    "variance": ("choice",),
+    "sampler": ("choice",),
+    "threshold": ("choice",),
+    "guidance_interval": ("choice",),
+}
 # A sweep name becomes an MLflow experiment, a registered model and a directory under the
 # storage path: a plain name, never a path.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -83,6 +96,20 @@ class TuneSettings:
 
 
 @dataclass
+class SampleSearch:
+    """``sample_search:``: how each training searches its distributions on ``sample.*`` keys
+    (orchestrator/sample_search.py). A study per grid combination of the sampling lists."""
+
+    algorithm: str = "tpe"  # Optuna's sampler: tpe | random
+    cells: int = 16  # evaluated cells per study (per training and grid combination)
+    metric: str | None = None  # the objective; default: the data's quality metric (fid, ...)
+    mode: str | None = None  # min | max; default: the metric's own direction
+    seed: int = 0  # the sampler's seed (each grid combination's study: seed + its index)
+    chunks: int = 4  # multi-fidelity: each cell's evaluation set drawn and measured in chunks
+    pruner: str = "paired"  # paired | halving | median | none: stop cells clearly worse early
+
+
+@dataclass
 class SweepFile:
     name: str = "sweep"
     base: Any = field(default_factory=dict)
@@ -100,6 +127,14 @@ class Axis:
     def sampling_time(self) -> bool:
         return is_sampling_time(self.key)
 
+    def extremes(self) -> list:
+        """The values that stand for every draw: each choice, or both bounds (randint's upper
+        bound is exclusive, as in Ray Tune)."""
+        if self.kind in ("grid", "choice"):
+            return list(self.values)
+        low, high = self.values
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
     def flat_values(self) -> list:
         """The values, a list value spread out (`sample.guidance: [[0, 1], 3]` is 0, 1, 3):
         what a cell list (guidance, variance, steps) takes, positions as in the file."""
@@ -114,6 +149,7 @@ class Sweep:
     axes: list[Axis]
     tune: TuneSettings
     file: Source | None = None  # the parsed file: where each key stands, for errors
+    sample_search: SampleSearch | None = None  # searched sampling-time axes: how
 
     @property
     def training_axes(self) -> list[Axis]:
@@ -122,6 +158,11 @@ class Sweep:
     @property
     def sampling_axes(self) -> list[Axis]:
         return [a for a in self.axes if a.sampling_time]
+
+    @property
+    def searched_axes(self) -> list[Axis]:
+        """Sampling-time axes with a distribution: searched per checkpoint, not a grid."""
+        return [a for a in self.sampling_axes if a.kind != "grid"]
 
 
 KNOWN_KEYS = config_keys()
@@ -185,10 +226,17 @@ def _parse_axis(where: str, key: str, spec: Any) -> Axis:
                 path,
             )
     axis = Axis(key, kind, [_plain(v) for v in values])
-    if axis.sampling_time and kind not in ("grid", "choice"):
+    field_name = key.split(".", 1)[1] if axis.sampling_time else ""
+    if axis.sampling_time and kind != "grid" and kind not in SEARCHABLE.get(field_name, ()):
+        allowed = SEARCHABLE.get(field_name)
+        expected = (
+            f"one of {{{', '.join(allowed)}: ...}} or a list of values"
+            if allowed
+            else "a list of values (it is not searched)"
+        )
         raise ConfigError(
-            f"{where}: {path}: sampling-time axes are evaluated from every "
-            f"checkpoint, so they take a list of values, not {kind}",
+            f"{where}: {path}: sample.{field_name} cannot take a {kind} distribution: "
+            f"expected {expected}",
             path,
         )
     return axis
@@ -340,8 +388,10 @@ def _parse(source: Source) -> Sweep:
         }
     base = load_config(raw_base or None, where=where, prefix="base")
     for k, axis in replaced.items():
-        # The cells' lists: the axis values, once each (the plan builds its cells from them).
-        OmegaConf.update(base, f"sample.{k}", list(dict.fromkeys(axis.flat_values())), merge=False)
+        # The cells' lists: the axis values, once each (the plan builds its cells from them); a
+        # searched key's list holds one placeholder, its first value, which each study replaces.
+        values = axis.flat_values() if axis.kind == "grid" else axis.values[:1]
+        OmegaConf.update(base, f"sample.{k}", list(dict.fromkeys(values)), merge=False)
     try:
         tune = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(TuneSettings), raw.get("tune") or {})
@@ -349,7 +399,63 @@ def _parse(source: Source) -> Sweep:
     except OmegaConfBaseException as err:
         raise config_error(err, where, "tune", list(TuneSettings.__dataclass_fields__)) from None
     _check_tune(where, tune, base, axes)
-    return Sweep(sweep_name, where, base, axes, tune, source)
+    search = _parse_sample_search(where, raw, axes)
+    return Sweep(sweep_name, where, base, axes, tune, source, search)
+
+
+def _parse_sample_search(where: str, raw: dict, axes: list[Axis]) -> SampleSearch | None:
+    """The ``sample_search`` section, checked against the searched axes: there is one exactly
+    when some sampling-time axis has a distribution."""
+    searched = [a for a in axes if a.sampling_time and a.kind != "grid"]
+    section = raw.get("sample_search")
+    if section is None:
+        if searched:
+            a = searched[0]
+            path = f"search.{a.key}.{a.kind}"
+            raise ConfigError(
+                f"{where}: {path}: a distribution on a sampling-time key is searched per "
+                "checkpoint, which needs a `sample_search:` section with its budget and "
+                "objective (e.g. sample_search: {cells: 16, metric: fid}); or give a list of "
+                "values (a grid)",
+                path,
+            )
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"{where}: sample_search: expected a mapping, got {type(section).__name__}",
+            "sample_search",
+        )
+    if not searched:
+        raise ConfigError(
+            f"{where}: sample_search: nothing to search: give a sample.* key under `search:` "
+            "a distribution (e.g. sample.guidance: {uniform: [0, 4]})",
+            "sample_search",
+        )
+    try:
+        s = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleSearch), section))
+    except OmegaConfBaseException as err:
+        fields = list(SampleSearch.__dataclass_fields__)
+        raise config_error(err, where, "sample_search", fields) from None
+
+    def expect(ok, key, expected):
+        if not ok:
+            raise ConfigError(
+                f"{where}: sample_search.{key} = {getattr(s, key)!r} is invalid: expected "
+                f"{expected}",
+                f"sample_search.{key}",
+            )
+
+    expect(s.algorithm in SEARCH_ALGORITHMS, "algorithm", f"one of {list(SEARCH_ALGORITHMS)}")
+    expect(s.cells >= 1, "cells", "an integer >= 1 (evaluated cells per study)")
+    expect(s.mode in (None, "min", "max"), "mode", "'min' or 'max'")
+    expect(s.chunks >= 1, "chunks", "an integer >= 1 (1: no early stopping)")
+    expect(s.pruner in PRUNERS, "pruner", f"one of {list(PRUNERS)}")
+    expect(
+        s.pruner == "none" or s.chunks >= 2,
+        "pruner",
+        "'none' with chunks = 1 (a cell measured once cannot be stopped early), or chunks >= 2",
+    )
+    return s
 
 
 def cell_lists() -> tuple[str, ...]:

@@ -281,8 +281,6 @@ def evaluate_cells(
     left to do are drawn in :func:`guidance_groups` (together, on a GPU, when they differ only
     in guidance weight).
     """
-    device = sampling_device(cfg)
-    eval_ctx = prepare_context(result.datamodule, cfg.eval, device=device)
     earlier = {
         r.data.tags.get(CELL_TAG): r
         for r in client.search_runs(
@@ -292,6 +290,12 @@ def evaluate_cells(
             order_by=["attributes.start_time ASC"],
         )
     }
+    if ctx.plan.search is not None:  # the cells are studies: searched, not a grid
+        from .sample_search import search_cells
+
+        return search_cells(client, ctx, cfg, result, root, train_run_id, labels, earlier)
+    device = sampling_device(cfg)
+    eval_ctx = prepare_context(result.datamodule, cfg.eval, device=device)
     done = {c.key for c in cells if c.key in earlier and earlier[c.key].info.status == "FINISHED"}
     todo = {c.spec: c for c in cells if c.key not in done}
     measured: dict[str, dict[str, float]] = {
@@ -346,7 +350,14 @@ def _evaluate_into_runs(
 
 
 def open_cell_run(
-    client, ctx, cell: Cell, params: dict, train_run_id: str, training_label: str, run=None
+    client,
+    ctx,
+    cell: Cell,
+    params: dict,
+    train_run_id: str,
+    training_label: str,
+    run=None,
+    extra_tags: dict | None = None,
 ) -> tuple[str, set[str]]:
     """(run id, metrics it already has): a new eval run for the cell, or ``run``, the one an
     interrupted attempt left unfinished, re-opened with the params it lacks."""
@@ -355,7 +366,7 @@ def open_cell_run(
             "ddpm_sweep.train_run_id": train_run_id,
             "ddpm_sweep.pid": str(os.getpid()),
             CELL_TAG: cell.key,
-        }
+        } | (extra_tags or {})
         name = run_name("eval", training_label, cell.label)
         return _create_run(client, ctx, name, "eval", params, tags), set()
     run_id = run.info.run_id  # interrupted half-way: redo it in the same run
@@ -366,9 +377,11 @@ def open_cell_run(
     return run_id, set(run.data.metrics)
 
 
-def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, result) -> None:
+def finish_cell_run(
+    client, run_id: str, have: set[str], metrics: dict, result, status: str = "FINISHED"
+) -> None:
     """The cell's metrics (those the run lacks), its grid and its bootstrap replicates, then
-    FINISHED."""
+    ``status`` (FINISHED; KILLED for a searched cell stopped early)."""
     now = int(time.time() * 1000)
     # Step 0: an evaluation is one point per run, and the chart view plots runs against each
     # other at one step (the training step is a param of the training run).
@@ -376,7 +389,7 @@ def finish_cell_run(client, run_id: str, have: set[str], metrics: dict, result) 
     if fresh:
         client.log_batch(run_id, metrics=fresh)
     log_cell_artifacts(client, run_id, result)
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)
 
 
 # One name, at the artifact root, in every eval run: MLflow's compare page lists the files that
