@@ -236,6 +236,34 @@ class CellStudy:
             f"[{low:+.4g}, {high:+.4g}] ({100 * confidence:g} % paired interval)"
         )
 
+    def evaluate(self, trial, cell: StudyCell, result, cfg, out_dir, eval_ctx, partial=None):
+        """Draw and measure the cell in chunks, stopping it when the pruner says so
+        (``partial(n, value)`` is told each partial value first); its value and samples are
+        set on ``cell``. Returns the EvalResult; ``tell`` comes after recording it."""
+        decide = self.on_chunk(trial, cell, eval_ctx.confidence)
+
+        def on_chunk(n: int, metrics: dict[str, float], replicates: dict) -> bool:
+            if partial is not None:
+                partial(n, metrics[self.search.metric])
+            return decide(n, metrics, replicates)
+
+        evaluated = evaluate_chunked(
+            result.module,
+            result.datamodule,
+            cell.cell.spec,
+            cfg.eval,
+            out_dir,
+            chunks=self.search.settings.chunks,
+            on_chunk=on_chunk,
+            per_class=cfg.sample.per_class,
+            batch_size=cfg.sample.batch_size,
+            precision=cfg.sample.precision,
+            context=eval_ctx,
+        )
+        cell.value = evaluated.metrics.get(self.search.metric, math.nan)
+        cell.samples = evaluated.samples
+        return evaluated
+
     def tell(self, trial, cell: StudyCell) -> None:
         if cell.stopped:
             self.study.tell(trial, state=TrialState.PRUNED)
@@ -304,24 +332,11 @@ def search_cells(
                 client, ctx, cell.cell, params, train_run_id, labels.training,
                 redo.get(cell.number), extra_tags=tags,
             )  # fmt: skip
-            evaluated = evaluate_chunked(
-                result.module,
-                result.datamodule,
-                cell.cell.spec,
-                cfg.eval,
-                root / "samples",
-                chunks=settings.chunks,
-                on_chunk=_logging(client, run_id, search.metric, study.on_chunk(
-                    trial, cell, eval_ctx.confidence
-                )),
-                per_class=cfg.sample.per_class,
-                batch_size=cfg.sample.batch_size,
-                precision=cfg.sample.precision,
-                context=eval_ctx,
-            )  # fmt: skip
+            partial = _partial_logger(client, run_id, search.metric)
+            evaluated = study.evaluate(
+                trial, cell, result, cfg, root / "samples", eval_ctx, partial
+            )
             metrics = evaluated.logged_metrics() | {"samples": float(evaluated.samples)}
-            cell.value = metrics.get(search.metric, math.nan)
-            cell.samples = evaluated.samples
             if evaluated.stopped:
                 client.set_tag(run_id, STOPPED_TAG, cell.stopped)
                 log.info("stopped %r: %s", cell.cell.label, cell.stopped)
@@ -335,14 +350,13 @@ def search_cells(
     return summary
 
 
-def _logging(client, run_id: str, metric: str, decide):
-    """``decide``, after logging the partial value to the cell's run (`<metric>_partial` at
-    step = samples so far: the fidelity curve in MLflow's chart view, and what a resumed study
-    re-reads for a stopped cell)."""
+def _partial_logger(client, run_id: str, metric: str):
+    """Log a partial value to the cell's run: `<metric>_partial` at step = samples so far (the
+    fidelity curve in MLflow's chart view, and what a resumed study re-reads for a stopped
+    cell)."""
 
-    def on_chunk(n: int, metrics: dict[str, float], replicates: dict) -> bool:
+    def log_partial(n: int, value: float) -> None:
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"{metric}_partial", metrics[metric], now, n)])
-        return decide(n, metrics, replicates)
+        client.log_batch(run_id, metrics=[Metric(f"{metric}_partial", value, now, n)])
 
-    return on_chunk
+    return log_partial
