@@ -91,8 +91,8 @@ class SearchPlan:
         }.get(s.pruner, f"stopped early by Optuna's {s.pruner} pruner")
         return (
             f"searched: {s.algorithm} (seed {s.seed}), {s.cells} cells a study, "
-            f"{'min' if self.lower else 'max'} {self.metric}; each cell measured after each of "
-            f"{s.chunks} chunk(s) of its samples and {stop}"
+            f"{'min' if self.lower else 'max'} {self.metric};\n  each cell measured after each "
+            f"of {s.chunks} chunk(s) of its samples and {stop}"
         )
 
 
@@ -212,7 +212,7 @@ class Plan:
         lines.append(
             f"evaluated pairs: {c.evaluated_pairs} (a naive grid over every axis would train "
             f"{c.naive_trainings} times); training steps: {c.training_steps:,}; sampling: "
-            f"{c.sampling_forwards:,} network forwards"
+            f"{'at most ' if search else ''}{c.sampling_forwards:,} network forwards"
         )
         return "\n".join(lines)
 

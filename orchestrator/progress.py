@@ -17,7 +17,7 @@ import warnings
 from ray import tune
 
 from .compare import compare
-from .report import quality_metric
+from .report import finished_evals, quality_metric, stopped_evals
 
 # Library chatter a sweep's console does not need unless asked (`--verbose`).
 QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "mlflow", "alembic", "pytorch_lightning")
@@ -85,41 +85,44 @@ class SweepProgress(tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         self.show(trials, final=True)
 
-    def evaluated(self) -> tuple[int, tuple[str, float, str] | None]:
-        """(cells done, (metric, value, run name) of the best so far or None)."""
+    def evaluated(self) -> tuple[int, int, tuple[str, float, str] | None]:
+        """(cells done, of them searched cells stopped early, (metric, value, run name) of
+        the best so far or None)."""
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
         runs = client.search_runs(
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
-            "tags.`ddpm_sweep.role` = 'eval' and attributes.status = 'FINISHED'",
+            "tags.`ddpm_sweep.role` = 'eval' and attributes.status != 'RUNNING'",
             max_results=50000,
         )
+        stopped = len(stopped_evals(runs))
+        runs = finished_evals(runs)
         if not runs:
-            return 0, None
+            return stopped, stopped, None
         metric, lower = quality_metric(runs)
         if metric is None:
-            return len(runs), None
+            return len(runs) + stopped, stopped, None
         # As the summary and the registered model pick it (replicates averaged), without
         # reading the runs' bootstrap replicates each time the line is drawn.
         top = compare(runs, metric, lower, lambda run: None).best
-        return len(runs), (metric, top.mean, top.best_run.info.run_name)
+        return len(runs) + stopped, stopped, (metric, top.mean, top.best_run.info.run_name)
 
     def line(self, trials: list) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         errored = sum(t.status == "ERROR" for t in trials)
         try:
-            cells_done, best = self.evaluated()
+            cells_done, stopped, best = self.evaluated()
         except Exception:  # the store is away for a moment: show what Tune knows
-            cells_done, best = 0, None
+            cells_done, stopped, best = 0, 0, None
         elapsed = time.time() - self.start
         total = max(1, self.trainings * self.cells)
         fraction = cells_done / total if cells_done else done / max(1, self.trainings)
         parts = [
             f"[{_clock(elapsed)}] trainings {done}/{self.trainings}"
             + (f" ({errored} failed)" if errored else ""),
-            f"cells {cells_done}/{total}",
+            f"cells {cells_done}/{total}" + (f" ({stopped} stopped early)" if stopped else ""),
         ]
         if best:
             metric, value, name = best

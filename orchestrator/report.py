@@ -11,6 +11,9 @@
   training and sampling setting,
 - `quality_vs_steps.png`: the quality metric against sampling steps, one line per variance,
 - `learning_curves.png`: val/loss_simple of every training run,
+- for searched sampling keys (``sample_search``): `search_axes.png`, the quality metric of every
+  searched cell against each searched key, and `search_map.png`, the first two keys against each
+  other coloured by it (cells stopped early drawn apart, as grey crosses at their last value),
 - with ``contrast``, a table per key of every configuration against its twin at the baseline,
 - `report.html`: the same, self-contained (inline CSS, the plots as `data:` URIs, no JavaScript)
   for MLflow's artifact viewer, with every run linked to its page in the MLflow UI,
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import mlflow
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .compare import (
@@ -37,6 +41,7 @@ from .compare import (
     contrasts,
 )
 from .report_page import ReportPage, axes_that_vary
+from .tracking import SEARCHED_TAG, STOPPED_TAG, STUDY_TAG
 
 # (metric, lower is better) in order of preference: images have FID, 2-D data the distances.
 QUALITY_METRICS = (("fid", True), ("sliced_wasserstein", True))
@@ -61,6 +66,22 @@ def sweep_runs(client, name: str, parent_run_id: str | None = None):
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000
     )
     return parent, children
+
+
+def finished_evals(children) -> list:
+    """The evaluated cells a comparison ranks: eval runs that ran to the end (FINISHED). A cell
+    interrupted half-way has no metrics yet; a searched cell stopped early (KILLED, its
+    ``ddpm_sweep.stopped`` tag says why) was measured on fewer samples than the others."""
+    return [
+        r
+        for r in children
+        if r.data.tags.get("ddpm_sweep.role") == "eval" and r.info.status == "FINISHED"
+    ]
+
+
+def stopped_evals(children) -> list:
+    """Searched cells stopped early (orchestrator/sample_search.py)."""
+    return [r for r in children if STOPPED_TAG in r.data.tags]
 
 
 def quality_metric(evals) -> tuple[str | None, bool]:
@@ -170,7 +191,8 @@ def write_report(
     (:func:`orchestrator.compare.contrasts`), a table each."""
     client = mlflow.MlflowClient(tracking_uri)
     parent, children = sweep_runs(client, name)
-    evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
+    evals = finished_evals(children)
+    stopped = stopped_evals(children)
     trains = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "train"]
     if not evals:
         raise ValueError(f"sweep {name!r} has no evaluated runs yet")
@@ -202,7 +224,10 @@ def write_report(
 
     floor = noise_floor(evals, quality)
     figures = []
-    weights = {r.data.params.get("sample.guidance") for r in evals}
+    searched = searched_keys(evals)
+    figures += search_figures(out, evals, stopped, quality, lower, line_label, floor)
+    # Lines through the grid's values; searched cells (every key drawn anew) are points instead.
+    weights = {r.data.params.get("sample.guidance") for r in evals} if not searched else set()
     for metric, fname in (
         (quality, "quality_vs_guidance.png"),
         (accuracy, "accuracy_vs_guidance.png"),
@@ -243,7 +268,7 @@ def write_report(
                 )
             )
     steps_lines = defaultdict(list)
-    for c in comparison.configurations:
+    for c in comparison.configurations if not searched else []:
         r = c.best_run
         if float(r.data.params["sample.guidance"]) == 1.0:
             steps_lines[line_label(r)].append(
@@ -303,6 +328,7 @@ def write_report(
         mcols=mcols,
         figures=figures,
         ui_url=ui_url,
+        stopped=stopped,
     )
     summary = out / "report.md"
     summary.write_text(report.markdown())
@@ -311,3 +337,104 @@ def write_report(
     for f in [summary, page, *figures]:
         client.log_artifact(parent.info.run_id, str(f), "report")
     return summary
+
+
+def searched_keys(evals) -> list[str]:
+    """The sampling keys a study searched (the runs' ``ddpm_sweep.searched`` tags), in order."""
+    keys: dict[str, None] = {}
+    for r in evals:
+        keys |= dict.fromkeys(k for k in r.data.tags.get(SEARCHED_TAG, "").split(",") if k)
+    return list(keys)
+
+
+def _spans_decades(values) -> bool:
+    """Positive values over more than a factor of 10: drawn on a log scale."""
+    values = [v for v in values if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
+
+
+def _axis_values(runs, key: str) -> tuple[list[float], list[str] | None]:
+    """A key's values as x positions: numbers as themselves, anything else as the index of
+    its category (returned too, for the ticks)."""
+    raw = [r.data.params.get(key, "") for r in runs]
+    try:
+        return [float(v) for v in raw], None
+    except ValueError:
+        cats = sorted(set(raw))
+        return [float(cats.index(v)) for v in raw], cats
+
+
+def search_figures(out: Path, evals, stopped, quality, lower, line_label, floor) -> list[Path]:
+    """`search_axes.png`: the quality metric of each searched cell against each searched key,
+    with its interval, one colour per training and study; `search_map.png`: the first two
+    searched keys against each other, coloured by the metric, the best cell starred. Cells
+    stopped early are grey crosses at their last (partial) value."""
+    keys = searched_keys(evals)
+    runs = [r for r in evals if r.data.tags.get(SEARCHED_TAG) and quality in r.data.metrics]
+    if not keys or not runs or quality is None:
+        return []
+    stops = [r for r in stopped if quality in r.data.metrics]
+
+    def group(r) -> str:
+        study = r.data.tags.get(STUDY_TAG, "").removeprefix("search").strip()
+        return " ".join(x for x in (line_label(r, with_variance=False), study) if x) or "cells"
+
+    all_values = [r.data.metrics[quality] for r in runs + stops]
+    fig = Figure(figsize=(4.2 * len(keys), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    groups = defaultdict(list)
+    for r in runs:
+        groups[group(r)].append(r)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for label, members in sorted(groups.items()):
+            xs, cats = _axis_values(members, key)
+            m = [r.data.metrics for r in members]
+            ys = [x[quality] for x in m]
+            low = [y - x.get(f"{quality}_ci_low", y) for y, x in zip(ys, m)]
+            high = [x.get(f"{quality}_ci_high", y) - y for y, x in zip(ys, m)]
+            ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=2, ms=4, label=label)
+        if stops:
+            xs, _ = _axis_values(stops, key)
+            ys = [r.data.metrics[quality] for r in stops]
+            ax.scatter(xs, ys, marker="x", color="0.55", label="stopped early (fewer samples)")
+        if floor and math.isfinite(floor[0]):
+            ax.axhline(floor[0], color="0.5", lw=1, ls="--", label="real data")
+        if _spans_decades(all_values):  # a few bad cells would flatten the good ones
+            ax.set_yscale("log")
+        _, cats = _axis_values(runs, key)
+        if cats:
+            ax.set_xticks(range(len(cats)), cats)
+        ax.set(xlabel=key, ylabel=quality if i == 0 else "")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{quality} of the searched cells ({'lower' if lower else 'higher'} is better)")
+    fig.tight_layout()
+    figures = [out / "search_axes.png"]
+    fig.savefig(figures[0])
+    numeric = [k for k in keys if _axis_values(runs, k)[1] is None]
+    if len(numeric) >= 2:
+        kx, ky = numeric[:2]
+        fig = Figure(figsize=(6.4, 5.0), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(111)
+        values = [r.data.metrics[quality] for r in runs]
+        xs, ys = _axis_values(runs, kx)[0], _axis_values(runs, ky)[0]
+        norm = LogNorm() if _spans_decades(values) else None
+        cmap = "viridis_r" if lower else "viridis"
+        points = ax.scatter(xs, ys, c=values, cmap=cmap, norm=norm, s=40)
+        fig.colorbar(points, ax=ax, label=quality)
+        best = (min if lower else max)(range(len(runs)), key=values.__getitem__)
+        ax.scatter([xs[best]], [ys[best]], marker="*", s=300, facecolor="none", edgecolor="red",
+                   label=f"best: {quality} {values[best]:.4g}")  # fmt: skip
+        if stops:
+            sx, sy = _axis_values(stops, kx)[0], _axis_values(stops, ky)[0]
+            ax.scatter(sx, sy, marker="x", color="0.55", label="stopped early")
+        ax.set(xlabel=kx, ylabel=ky, title=f"{quality} over {kx} and {ky}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        figures.append(out / "search_map.png")
+        fig.savefig(figures[-1])
+    return figures

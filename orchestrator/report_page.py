@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,18 @@ def _diff_text(c: Configuration) -> str:
     return f"{c.diff:+.3g} [{c.diff_low:+.3g}, {c.diff_high:+.3g}]"
 
 
+def param_text(value) -> str:
+    """A param as shown: a searched cell's drawn value (`2.1879360563134624`) to 4 significant
+    digits, anything else as logged."""
+    text = str(value)
+    if len(text) > 8 and "." in text:
+        try:
+            return f"{float(text):.4g}"
+        except ValueError:
+            pass
+    return text
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
@@ -83,6 +95,18 @@ class ReportPage:
     mcols: list[str]
     figures: list[Path]
     ui_url: str | None
+    stopped: list = field(default_factory=list)  # searched cells stopped early (not ranked)
+
+    def stopped_sentence(self) -> str:
+        """How many searched cells were stopped early, which the tables leave out."""
+        if not self.stopped:
+            return ""
+        n = len(self.stopped)
+        return (
+            f" {n} searched cell{'s were' if n > 1 else ' was'} stopped early, clearly worse "
+            "than the best of its study on fewer samples (MLflow status KILLED, tag "
+            "ddpm_sweep.stopped), and not ranked here."
+        )
 
     @property
     def experiment_id(self) -> str:
@@ -110,7 +134,7 @@ class ReportPage:
             return f"No evaluated pair has {self.quality} yet."
         c = self.best[0]
         b = c.best_run
-        setting = ", ".join(f"{k}={b.data.params.get(k, '?')}" for k in self.cols)
+        setting = ", ".join(f"{k}={param_text(b.data.params.get(k, '?'))}" for k in self.cols)
         notes = [] if math.isnan(c.ci_low) else [f"{100 * self.comparison.confidence:g} % interval"]
         notes += [f"mean of {c.n} replicates"] if c.n > 1 else []
         notes.append(f"{self.direction} is better")
@@ -166,7 +190,7 @@ class ReportPage:
     def table_values(self, c: Configuration) -> list[str]:
         """A configuration's cells after its run link, up to the run ids (plain text)."""
         r = c.best_run
-        vals = [str(r.data.params.get(k, "")) for k in self.cols]
+        vals = [param_text(r.data.params.get(k, "")) for k in self.cols]
         vals.append(value_text(c))
         if self.comparison.has_replicates:
             vals += [str(c.n), "" if math.isnan(c.sd) else f"{c.sd:.3g}"]
@@ -190,7 +214,8 @@ class ReportPage:
             f"Parent run {p.info.run_name or ''} `{p.info.run_id}` (experiment "
             f"`{self.experiment_id}`); {len(self.trains)} training run(s), {len(self.evals)} "
             f"evaluated (training × sampling) pairs. Guidance convention: "
-            f"{p.data.tags.get('ddpm_sweep.guidance_convention', '')}. {self.best_sentence()}",
+            f"{p.data.tags.get('ddpm_sweep.guidance_convention', '')}. {self.best_sentence()}"
+            + self.stopped_sentence(),
             "",
             f"## Best {len(self.best)} by {self.quality} ({self.direction} is better)",
             "",
@@ -249,7 +274,7 @@ class ReportPage:
             f"<code>{e(self.experiment_id)}</code>): {len(self.trains)} training run(s), "
             f"{len(self.evals)} evaluated (training &times; sampling) pairs. Guidance "
             f"convention: {e(p.data.tags.get('ddpm_sweep.guidance_convention', ''))}. "
-            f"{e(self.best_sentence())}"
+            f"{e(self.best_sentence() + self.stopped_sentence())}"
         )
         body = [
             f"<h1>Sweep report: {e(self.name)}</h1>",

@@ -52,14 +52,9 @@ from lightning_modules.evaluation.bootstrap import interval
 
 from .plan import LABEL_SEP, Cell, SearchPlan
 from .sweep_config import Axis
-from .tracking import eval_params
+from .tracking import NUMBER_TAG, SEARCHED_TAG, STOPPED_TAG, STUDY_TAG, VALUES_TAG, eval_params
 
 log = logging.getLogger(__name__)
-STUDY_TAG = "ddpm_sweep.search_study"  # a searched cell's study (its plan cell's key)
-NUMBER_TAG = "ddpm_sweep.search_trial"  # its number in the study
-VALUES_TAG = "ddpm_sweep.search_params"  # the study's own values for it (JSON)
-SEARCHED_TAG = "ddpm_sweep.searched"  # the searched keys, comma-separated (report plots)
-STOPPED_TAG = "ddpm_sweep.stopped"  # why and where a stopped cell was stopped
 RESUME_SEED_STEP = 7919  # a resumed study's sampler: seed + this x cells already done
 
 
@@ -69,7 +64,7 @@ def distribution(axis: Axis) -> BaseDistribution:
         return CategoricalDistribution(list(range(len(axis.values))))
     low, high = axis.values
     if axis.kind == "randint":
-        return IntDistribution(int(low), int(high) - 1)
+        return IntDistribution(int(low), int(high))  # inclusive, like the YAML reads
     return FloatDistribution(float(low), float(high), log=axis.kind == "loguniform")
 
 

@@ -353,11 +353,11 @@ def publish_best(client, sweep: Sweep, parent_run_id: str) -> dict[str, Any] | N
     """Log the best pair's checkpoint to the parent run (`best/`) and register it as a new
     version of the registered model named after the sweep."""
     from .model import log_sampler_model, register_best
-    from .report import compare_evals, quality_metric, sweep_runs
+    from .report import compare_evals, finished_evals, quality_metric, sweep_runs
     from .report_page import value_text
 
     _, children = sweep_runs(client, sweep.name, parent_run_id)
-    evals = [r for r in children if r.data.tags.get("ddpm_sweep.role") == "eval"]
+    evals = finished_evals(children)
     quality, lower = quality_metric(evals) if evals else (None, True)
     if quality is None:
         return None

@@ -128,12 +128,8 @@ class Axis:
         return is_sampling_time(self.key)
 
     def extremes(self) -> list:
-        """The values that stand for every draw: each choice, or both bounds (randint's upper
-        bound is exclusive, as in Ray Tune)."""
-        if self.kind in ("grid", "choice"):
-            return list(self.values)
-        low, high = self.values
-        return [low, high - 1] if self.kind == "randint" else [low, high]
+        """The values that stand for every draw: each choice, or both bounds (inclusive)."""
+        return list(self.values)
 
     def flat_values(self) -> list:
         """The values, a list value spread out (`sample.guidance: [[0, 1], 3]` is 0, 1, 3):

@@ -16,6 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 # A sqlite file in the working directory: `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The tags of a searched cell's eval run (orchestrator/sample_search.py); the report reads them.
+STUDY_TAG = "ddpm_sweep.search_study"  # its study (the plan cell's key)
+NUMBER_TAG = "ddpm_sweep.search_trial"  # its number in the study
+VALUES_TAG = "ddpm_sweep.search_params"  # the study's own values for it (JSON)
+SEARCHED_TAG = "ddpm_sweep.searched"  # the searched keys, comma-separated
+STOPPED_TAG = "ddpm_sweep.stopped"  # why and where a cell stopped early was stopped (KILLED)
 PACKAGES = ("ddpm-sweep", "torch", "pytorch-lightning", "mlflow", "ray", "numpy")
 
 

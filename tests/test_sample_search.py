@@ -21,13 +21,8 @@ from lightning_modules.evaluate import (
 from lightning_modules.train import fit
 from orchestrator import sample_search
 from orchestrator.plan import build_plan
-from orchestrator.sample_search import (
-    NUMBER_TAG,
-    STOPPED_TAG,
-    STUDY_TAG,
-    VALUES_TAG,
-    CellStudy,
-)
+from orchestrator.sample_search import CellStudy
+from orchestrator.tracking import NUMBER_TAG, STOPPED_TAG, STUDY_TAG, VALUES_TAG
 from orchestrator.trial import CELL_TAG, EvalLabels, TrialContext, _create_run, evaluate_cells
 
 SWEEP = """
@@ -170,7 +165,7 @@ def test_each_study_cell_is_a_run_and_stopped_cells_say_so(fitted, tmp_path):
         values = json.loads(r.data.tags[VALUES_TAG])
         params = r.data.params
         assert float(params["sample.eta"]) == pytest.approx(values["eta"])
-        assert int(params["sample.steps"]) == values["steps"] and 1 <= values["steps"] <= 20
+        assert int(params["sample.steps"]) == values["steps"] and 1 <= values["steps"] <= 21
         assert 0 <= float(params["sample.guidance"]) <= 8
         assert r.data.tags[CELL_TAG] == f"{r.data.tags[STUDY_TAG]} #{r.data.tags[NUMBER_TAG]}"
         assert f"search #{r.data.tags[NUMBER_TAG]}" in r.info.run_name
