@@ -60,8 +60,8 @@ def client_for(tmp_path):
     return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def start_sweep(tmp_path, name, env):
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(SWEEP), *ARGS, "--name", name]
+def start_sweep(tmp_path, name, env, sweep=SWEEP, args=ARGS):
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(sweep), *args, "--name", name]
     with open(tmp_path / f"{name}.log", "ab") as log:
         return subprocess.Popen(
             cmd,
@@ -193,6 +193,79 @@ def test_killed_driver_then_resume_completes_without_rerunning(tmp_path, env):
     # The finished trial was not rerun: its history is exactly what it was before the kill.
     after = client.get_metric_history(finished.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in after] == [(m.step, m.value) for m in history_before]
+
+
+SEARCHED = """
+name: searched
+base:
+  data: {name: gaussian_mixture, batch_size: 256, n_train: 2048}
+  network: {name: mlp, hidden_dim: 64, num_blocks: 2}
+  diffusion: {timesteps: 100, prediction: v}
+  train: {max_steps: 150, lr: 3.0e-3, p_uncond: 0.2, val_every_n_steps: 50, bpd_subset: 0}
+  sample: {sampler: ddim, variance: [fixed_small]}
+  eval: {num_samples: 200}
+search:
+  sample.guidance: {uniform: [0, 5]}
+  sample.eta: {uniform: [0, 1]}
+  sample.steps: {randint: [2, 30]}
+sample_search: {cells: 6, chunks: 3, seed: 1}
+tune: {max_failures: 3}
+"""
+
+
+@pytest.mark.slow
+def test_trial_killed_mid_study_resumes_the_study_and_samples_no_cell_twice(tmp_path, env):
+    """A searched sweep's worker SIGKILLed inside the study's third cell: the retried trial
+    restores the checkpoint at the end of training, rebuilds the study from MLflow, redoes the
+    half-done cell in its own run and spends the rest of the budget; the report plots the
+    searched cells and the best is registered."""
+    from orchestrator.tracking import NUMBER_TAG, STOPPED_TAG, VALUES_TAG
+
+    client = client_for(tmp_path)
+    (tmp_path / "searched.yaml").write_text(SEARCHED)
+    proc = start_sweep(tmp_path, "searched", env, tmp_path / "searched.yaml", [])
+    try:
+
+        def in_third_cell():
+            for r in runs_of(client, "searched"):
+                if role(r) == "eval" and r.info.status == "RUNNING":
+                    if int(r.data.tags.get(NUMBER_TAG, -1)) == 2:
+                        return r
+
+        half_done = wait_for(in_third_cell, proc, poll=0.02)
+        before = {
+            r.data.tags[NUMBER_TAG]: r
+            for r in runs_of(client, "searched")
+            if role(r) == "eval" and r.info.status in ("FINISHED", "KILLED")
+        }
+        os.kill(int(half_done.data.tags["ddpm_sweep.pid"]), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, diagnose(tmp_path, "searched")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert set(before) == {"0", "1"}
+    runs = runs_of(client, "searched")
+    evals = {r.data.tags[NUMBER_TAG]: r for r in runs if role(r) == "eval"}
+    assert len([r for r in runs if role(r) == "eval"]) == 6 and set(evals) == set("012345")
+    for number, r in before.items():  # done before the kill: not sampled again
+        again = evals[number]
+        assert again.info.run_id == r.info.run_id and again.info.end_time == r.info.end_time
+    redone = evals["2"]
+    assert redone.info.run_id == half_done.info.run_id
+    assert redone.data.tags["ddpm_sweep.pid"] != half_done.data.tags["ddpm_sweep.pid"]
+    assert redone.data.tags[VALUES_TAG] == half_done.data.tags[VALUES_TAG]
+    for r in evals.values():
+        assert r.info.status == ("KILLED" if STOPPED_TAG in r.data.tags else "FINISHED")
+        finished = r.info.status == "FINISHED"
+        assert (r.data.metrics["samples"] == 200) is finished  # a stopped cell: fewer
+    (train,) = [r for r in runs if role(r) == "train"]
+    assert train.info.status == "FINISHED"
+    report = tmp_path / "reports" / "searched"
+    assert (report / "search_axes.png").is_file() and (report / "search_map.png").is_file()
+    (parent,) = [r for r in runs if role(r) == "sweep"]
+    best = parent.data.metrics["best/sliced_wasserstein"]
+    finished = [r for r in evals.values() if r.info.status == "FINISHED"]
+    assert best == min(r.data.metrics["sliced_wasserstein"] for r in finished)
 
 
 def test_resume_of_a_directory_that_is_no_sweep_is_a_clear_error(tmp_path, env):
