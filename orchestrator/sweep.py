@@ -86,6 +86,12 @@ def parent_params(plan: Plan) -> dict[str, str]:
         if hasattr(sweep.tune, k)
     }
     params |= {f"sweep.plan.{k}": str(v) for k, v in plan.costs.as_dict().items()}
+    if plan.search is not None:  # the resolved objective, not the file's defaults (None)
+        settings = plan.search.settings.__dict__ | {
+            "metric": plan.search.metric,
+            "mode": "min" if plan.search.lower else "max",
+        }
+        params |= {f"sweep.sample_search.{k}": str(v) for k, v in settings.items()}
     return params
 
 
@@ -172,6 +178,7 @@ def open_parent_run(plan: Plan, tracking_uri: str) -> tuple[str, str]:
                 {
                     "axes": [a.__dict__ for a in sweep.axes],
                     "tune": sweep.tune.__dict__,
+                    "sample_search": sweep.sample_search and sweep.sample_search.__dict__,
                     "plan": plan.costs.as_dict(),
                 },
                 indent=2,

@@ -263,6 +263,8 @@ def test_trial_killed_mid_study_resumes_the_study_and_samples_no_cell_twice(tmp_
     report = tmp_path / "reports" / "searched"
     assert (report / "search_axes.png").is_file() and (report / "search_map.png").is_file()
     (parent,) = [r for r in runs if role(r) == "sweep"]
+    assert parent.data.params["sweep.sample_search.cells"] == "6"
+    assert parent.data.params["sweep.sample_search.metric"] == "sliced_wasserstein"  # resolved
     best = parent.data.metrics["best/sliced_wasserstein"]
     finished = [r for r in evals.values() if r.info.status == "FINISHED"]
     assert best == min(r.data.metrics["sliced_wasserstein"] for r in finished)
