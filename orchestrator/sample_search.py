@@ -13,7 +13,8 @@ keys left open) is one study. Inside the trial, after training:
   cell of a training starts from the same noise and labels, so after chunk j two cells are
   measured on the same positions with the same bootstrap counts: their difference has a
   paired interval. The ``paired`` pruner stops a cell once that interval says it is worse than
-  the best cell so far at the same chunk (``halving`` and ``median`` are Optuna's pruners on the
+  the best cell so far at the same chunk (at the sweep's confidence over all of a cell's looks:
+  Bonferroni) (``halving`` and ``median`` are Optuna's pruners on the
   partial values);
 - **record**: the cell's run has the grid cells' metrics, intervals, floor, PNG and
   ``bootstrap.json``, plus ``samples`` (how many its metrics are of) and, per chunk,
@@ -189,6 +190,13 @@ class CellStudy:
         cell = Cell(spec, f"{self.cell.key} #{trial.number}", LABEL_SEP.join(parts))
         return trial, StudyCell(trial.number, cell, values)
 
+    def look_confidence(self, confidence: float) -> float:
+        """The confidence of each look of the paired pruner: a cell is looked at after each of
+        its chunks but the last, so each look gets 1 - (1 - confidence) / looks (Bonferroni),
+        and a cell as good as the best is stopped with probability at most 1 - confidence."""
+        looks = max(1, self.search.settings.chunks - 1)
+        return 1 - (1 - confidence) / looks
+
     def on_chunk(self, trial, cell: StudyCell, confidence: float):
         """The callback of evaluate_chunked: record the partial value, then stop?"""
         metric = self.search.metric
@@ -228,14 +236,14 @@ class CellStudy:
         return (
             f"clearly worse than search #{best.number} at {n} samples: {self.search.metric} "
             f"{value:.4g} vs {ref[0]:.4g}, difference {diff:+.4g} "
-            f"[{low:+.4g}, {high:+.4g}] ({100 * confidence:g} % paired interval)"
+            f"[{low:+.4g}, {high:+.4g}] ({100 * confidence:.3g} % paired interval)"
         )
 
     def evaluate(self, trial, cell: StudyCell, result, cfg, out_dir, eval_ctx, partial=None):
         """Draw and measure the cell in chunks, stopping it when the pruner says so
         (``partial(n, value)`` is told each partial value first); its value and samples are
         set on ``cell``. Returns the EvalResult; ``tell`` comes after recording it."""
-        decide = self.on_chunk(trial, cell, eval_ctx.confidence)
+        decide = self.on_chunk(trial, cell, self.look_confidence(eval_ctx.confidence))
 
         def on_chunk(n: int, metrics: dict[str, float], replicates: dict) -> bool:
             if partial is not None:
