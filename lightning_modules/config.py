@@ -101,6 +101,21 @@ def sampling_specs(sample_cfg) -> list[SamplingSpec]:
 
 
 @dataclass
+class PeriodicEvalConfig:
+    """Sample quality during training: at every ``every_n_steps``-th step (a multiple of
+    ``train.val_every_n_steps``: it runs at a validation, with the EMA weights), each of
+    ``cells`` is sampled (``num_samples``) and measured; logged as ``eval/<metric>`` (the first
+    cell) and ``eval/<metric>/<cell>`` (the others) against the step, and reported to Tune."""
+
+    every_n_steps: int = 0  # 0: off
+    num_samples: int = 100
+    # Each cell: `sample` keys with one value each (guidance, steps, variance, sampler, eta, ...);
+    # unset keys: the conditional cell (w = 1), min(10, T) steps, the `sample` section's first
+    # variance and its scalars.
+    cells: list[Any] = field(default_factory=lambda: [{}])
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 500  # samples per (guidance, variance, steps) cell for the metrics
     bootstrap: int = 200  # resamples for each metric's interval and the paired comparisons; 0 = off
@@ -110,6 +125,7 @@ class EvalConfig:
     classifier_seed: int = 0
     cache_dir: str | None = None  # default: $DDPM_SWEEP_CACHE or ~/.cache/ddpm-sweep
     inception_weights: str | None = None  # local Inception weights for a standard FID
+    periodic: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
 
 @dataclass
@@ -251,6 +267,95 @@ def validate_config(cfg: DictConfig, where: str = "config", prefix: str = "") ->
     _expect(t.bpd_subset >= 0, where, "train.bpd_subset", t.bpd_subset, "an integer >= 0")
     validate_sample_config(s, d.timesteps, where, join_key(prefix, "sample"))
     validate_eval_config(cfg.eval, where, join_key(prefix, "eval"))
+    validate_periodic(cfg, where, prefix)
+
+
+def periodic_specs(cfg) -> list[SamplingSpec]:
+    """The cells of ``eval.periodic``: each cell's keys over the defaults (the conditional cell
+    at min(10, T) steps; unconditional for a model that never sees labels, p_uncond = 1), the
+    ``sample`` section's first variance and its scalar settings."""
+    s = cfg.sample
+    base = {k: s[k] for k in SAMPLING_SPEC_KEYS if k not in CELL_LISTS}
+    if base.get("guidance_interval") is not None:
+        base["guidance_interval"] = tuple(base["guidance_interval"])
+    base |= {
+        "variance": str(s.variance[0]),
+        "steps": min(10, cfg.diffusion.timesteps),
+        "guidance": 1.0 if cfg.train.p_uncond < 1 else 0.0,
+    }
+    specs = []
+    for cell in cfg.eval.periodic.cells:
+        fields = dict(OmegaConf.to_container(cell) if isinstance(cell, DictConfig) else cell)
+        if "guidance" in fields:
+            fields["guidance"] = float(fields["guidance"])
+        if fields.get("guidance_interval") is not None:
+            fields["guidance_interval"] = tuple(fields["guidance_interval"])
+        specs.append(SamplingSpec(**(base | fields)))
+    return specs
+
+
+def validate_periodic(cfg, where: str = "config", prefix: str = "") -> None:
+    """``eval.periodic``: its schedule against validation, and each cell's keys and values
+    against the training (steps <= T, guidance needs p_uncond > 0, ...)."""
+    from .diffusion import GaussianDiffusion, get_variance
+
+    p, t = cfg.eval.periodic, cfg.train
+    key = join_key(prefix, "eval.periodic")
+    _expect(p.every_n_steps >= 0, where, f"{key}.every_n_steps", p.every_n_steps, ">= 0 (0: off)")
+    _expect(
+        p.every_n_steps % t.val_every_n_steps == 0,
+        where,
+        f"{key}.every_n_steps",
+        p.every_n_steps,
+        f"0 (off) or a multiple of train.val_every_n_steps = {t.val_every_n_steps} (it runs at "
+        "a validation, with the EMA weights)",
+    )
+    _expect(p.num_samples >= 1, where, f"{key}.num_samples", p.num_samples, "an integer >= 1")
+    cells = p.cells
+    _expect(
+        isinstance(cells, (list, ListConfig)) and len(cells) > 0,
+        where,
+        f"{key}.cells",
+        cells,
+        "a non-empty list of cells, each a mapping of sample keys (e.g. [{guidance: 1, steps: "
+        "10}])",
+    )
+    allowed = [k for k in SAMPLING_SPEC_KEYS]
+    for i, cell in enumerate(cells):
+        at = f"{key}.cells[{i}]"
+        if not isinstance(cell, (dict, DictConfig)):
+            raise ConfigError(
+                f"{where}: {at} = {cell!r} is invalid: expected a mapping of sample keys "
+                f"({', '.join(allowed)})",
+                at,
+            )
+        for k in cell:
+            if k not in allowed:
+                raise ConfigError(
+                    f"{where}: {at}.{k}: not a sampling key{did_you_mean(str(k), allowed, at)} "
+                    f"(expected one of {', '.join(allowed)})",
+                    f"{at}.{k}",
+                )
+    process = GaussianDiffusion.from_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    for i, spec in enumerate(periodic_specs(cfg)):
+        at = f"{key}.cells[{i}]"
+        try:
+            spec.check(process)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where}: {at} is invalid: {err}", at) from None
+        if get_variance(spec.variance).learned and not get_variance(cfg.diffusion.variance).learned:
+            raise ConfigError(
+                f"{where}: {at}.variance = {spec.variance!r} needs a model trained with "
+                "diffusion.variance = 'learned_range'",
+                f"{at}.variance",
+            )
+        if (spec.guidance != 1 and t.p_uncond <= 0) or (spec.guidance != 0 and t.p_uncond >= 1):
+            raise ConfigError(
+                f"{where}: {at}.guidance = {spec.guidance:g} needs the "
+                f"{'un' if t.p_uncond <= 0 else ''}conditional model, which train.p_uncond = "
+                f"{t.p_uncond:g} never trains",
+                f"{at}.guidance",
+            )
 
 
 def validate_eval_config(e, where: str = "config", prefix: str = "eval") -> None:

@@ -38,6 +38,26 @@ from .train import trains_on_gpu
 log = logging.getLogger(__name__)
 
 
+# The quality metrics every cell measures with bootstrap replicates, by data kind, and their
+# direction: what a sampling search optimises and a Tune metric on sample quality may name.
+QUALITY_METRICS = {
+    "image": {"fid": "min", "precision": "max", "recall": "max", "guided_accuracy": "max"},
+    "points": {
+        "sliced_wasserstein": "min",
+        "energy_distance": "min",
+        "modes_hit": "max",
+        "mode_coverage": "max",
+        "label_accuracy": "max",
+    },
+}
+LABELLED_METRICS = ("guided_accuracy", "mode_coverage", "label_accuracy")  # need class labels
+
+
+def quality_metrics(kind: str, labelled: bool) -> dict[str, str]:
+    """The metrics of :data:`QUALITY_METRICS` a dataset's cells measure (metric -> min|max)."""
+    return {k: v for k, v in QUALITY_METRICS[kind].items() if labelled or k not in LABELLED_METRICS}
+
+
 @dataclass
 class EvalContext:
     """What the metrics compare against: a cached classifier and real images, or the truth."""

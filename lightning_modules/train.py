@@ -22,6 +22,7 @@ from .data import build_datamodule, describe_data
 from .diffusion import GaussianDiffusion, get_variance
 from .module import DiffusionModule
 from .networks import NetworkConfig, build_network, network_config, unet_preset
+from .periodic import PeriodicEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[pl.Callback]:
             auto_insert_metric_name=False,
         ),
     ]
+    if cfg.eval.periodic.every_n_steps:  # before the EMA: it samples with the EMA weights in
+        callbacks.append(PeriodicEvaluation(cfg))
     if cfg.train.ema_decay > 0:
         callbacks.append(EMA(cfg.train.ema_decay))
     return callbacks

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-PHASES = ("build", "fit", "checkpoint", "evaluate", "mlflow")
+PHASES = ("build", "fit", "periodic_eval", "checkpoint", "evaluate", "mlflow")
 
 
 class PhaseTimer:
@@ -39,6 +39,12 @@ class PhaseTimer:
             self.seconds[phase] += elapsed - self._children.pop()
             if self._children:
                 self._children[-1] += elapsed
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Count ``seconds`` of ``source`` as ``target`` (time a phase spent on something its
+        own code measured: the periodic evaluation inside ``fit``)."""
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
 
     def report(self) -> dict[str, float]:
         return {f"time/{phase}_s": self.seconds.get(phase, 0.0) for phase in PHASES}

@@ -31,7 +31,7 @@ from lightning_modules.config import (
 )
 from lightning_modules.data import build_datamodule, describe_data
 from lightning_modules.diffusion import SAMPLING_SPEC_KEYS, SamplingSpec, get_variance
-from lightning_modules.evaluate import eval_labels
+from lightning_modules.evaluate import eval_labels, quality_metrics
 from lightning_modules.train import check_network
 
 from .sweep_config import Axis, SampleSearch, Sweep, TuneSettings, load_sweep, training_grid
@@ -50,21 +50,6 @@ class Cell:
     def params(self) -> dict[str, str]:
         """The cell's own settings as MLflow params (`sample.guidance`, ...)."""
         return {f"sample.{k}": str(v) for k, v in self.spec.as_dict().items()}
-
-
-# The metrics a sampling search can optimise, by data kind, and their direction (each has
-# bootstrap replicates, which the paired pruner compares).
-SEARCH_METRICS = {
-    "image": {"fid": "min", "precision": "max", "recall": "max", "guided_accuracy": "max"},
-    "points": {
-        "sliced_wasserstein": "min",
-        "energy_distance": "min",
-        "modes_hit": "max",
-        "mode_coverage": "max",
-        "label_accuracy": "max",
-    },
-}
-LABELLED_METRICS = ("guided_accuracy", "mode_coverage", "label_accuracy")
 
 
 @dataclass(frozen=True)
@@ -294,11 +279,7 @@ def _search_plan(sweep: Sweep) -> SearchPlan | None:
     if settings is None:
         return None
     data = describe_data(sweep.base.data)
-    offered = {
-        k: v
-        for k, v in SEARCH_METRICS[data.kind].items()
-        if data.num_classes or k not in LABELLED_METRICS
-    }
+    offered = quality_metrics(data.kind, bool(data.num_classes))
     metric = settings.metric or next(iter(offered))
     if metric not in offered:
         raise ConfigError(

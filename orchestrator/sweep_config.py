@@ -39,6 +39,8 @@ from lightning_modules.config import (
     did_you_mean,
     load_config,
 )
+from lightning_modules.data import describe_data
+from lightning_modules.evaluate import quality_metrics
 
 from .yaml_source import Source, get_yaml_loader, read_yaml
 
@@ -249,12 +251,41 @@ def _check_tune(where: str, t: TuneSettings, base: DictConfig, axes: list[Axis])
     expect(t.scheduler in SCHEDULERS, "scheduler", t.scheduler, f"one of {list(SCHEDULERS)}")
     expect(t.mode in ("min", "max"), "mode", t.mode, "'min' or 'max'")
     reported = [m for m in TRAINING_METRICS if m != "val/bpd" or base.train.bpd_subset > 0]
+    periodic = base.eval.periodic
+    quality = {}
+    if periodic.every_n_steps:  # eval.periodic: sample quality at validations (eval/<metric>)
+        data = describe_data(base.data)
+        measured = quality_metrics(data.kind, bool(data.num_classes))
+        quality = {f"eval/{m}": mode for m, mode in measured.items()}
+        reported += list(quality)
+    hint = (
+        ""
+        if quality or not t.metric.startswith("eval/")
+        else " (a sample-quality metric needs base.eval.periodic.every_n_steps > 0: sample "
+        "quality measured during training)"
+    )
     expect(
         t.metric in reported,
         "metric",
         t.metric,
-        f"a metric the training trials report: one of {reported}",
+        f"a metric the training trials report: one of {reported}{hint}",
     )
+    if t.metric in quality:
+        better = "lower" if quality[t.metric] == "min" else "higher"
+        expect(
+            t.mode == quality[t.metric],
+            "mode",
+            t.mode,
+            f"{quality[t.metric]!r} ({better} {t.metric} is better)",
+        )
+        val_every = base.train.val_every_n_steps
+        if periodic.every_n_steps != val_every:
+            raise ConfigError(
+                f"{where}: base.eval.periodic.every_n_steps = {periodic.every_n_steps} is invalid "
+                f"with tune.metric = {t.metric!r}: expected train.val_every_n_steps = "
+                f"{val_every} (each report to Tune, one per validation, must carry the metric)",
+                "base.eval.periodic.every_n_steps",
+            )
     expect(t.num_samples >= 1, "num_samples", t.num_samples, "an integer >= 1")
     expect(t.max_concurrent_trials >= 1, "max_concurrent_trials", t.max_concurrent_trials, ">= 1")
     expect(t.max_failures >= 0, "max_failures", t.max_failures, "an integer >= 0")

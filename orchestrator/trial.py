@@ -30,6 +30,7 @@ from lightning_modules.evaluate import (
     prepare_context,
     sampling_device,
 )
+from lightning_modules.periodic import PeriodicEvaluation
 from lightning_modules.train import build_experiment, cuda_problem, fit
 
 from .compare import REPLICATES_ARTIFACT  # what compare.py pairs cells by
@@ -180,6 +181,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
                 enable_model_summary=False,
             )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
+        periodic = periodic_cost(result, timer, client, run_id)
         cells = ctx.plan.cells_for(params)
         with timer("evaluate"):
             summary = evaluate_cells(
@@ -199,7 +201,27 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     # fit, or, for a trial resumed from the checkpoint at its last step (no step left to run),
     # from that checkpoint's report.
     final = reported | {k: float(v) for k, v in result.trainer.callback_metrics.items()} | summary
-    tune.report(final | timer.report() | {"node_id": node_id})
+    tune.report(final | timer.report() | periodic | {"node_id": node_id})
+
+
+def periodic_cost(result, timer: PhaseTimer, client, run_id: str) -> dict[str, float]:
+    """What the periodic evaluation (eval.periodic) cost this attempt of the trial: its seconds,
+    counted apart from ``fit``'s, and their fraction of the trial's time so far; logged to the
+    training run and returned for Tune (empty without periodic evaluation)."""
+    callback = next(
+        (c for c in result.trainer.callbacks if isinstance(c, PeriodicEvaluation)), None
+    )
+    if callback is None:
+        return {}
+    timer.move(callback.seconds, "fit", "periodic_eval")
+    total = sum(timer.seconds.values())
+    cost = {
+        "time/periodic_eval_s": callback.seconds,
+        "time/periodic_eval_fraction": callback.seconds / total if total else 0.0,
+    }
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in cost.items()])
+    return cost
 
 
 def trial_index(trial_name: str) -> int | None:

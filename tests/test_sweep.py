@@ -345,7 +345,9 @@ def test_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_asha_stops_bad_trials_and_skips_their_evaluations(tmp_path):
+def test_asha_on_sample_quality_stops_bad_trials_and_skips_their_evaluations(tmp_path):
+    """ASHA on a sample-quality metric measured during training (eval.periodic): the trials
+    report it at every validation, the worst is stopped on it, and its evaluations never run."""
     import mlflow
 
     text = (SWEEPS / "mixture_quick.yaml").read_text()
@@ -360,6 +362,10 @@ def test_asha_stops_bad_trials_and_skips_their_evaluations(tmp_path):
         "base.train.max_steps=200",
         "base.train.val_every_n_steps=50",
         "base.eval.num_samples=80",
+        "base.eval.periodic.every_n_steps=50",
+        "base.eval.periodic.num_samples=80",
+        "tune.metric=eval/sliced_wasserstein",
+        "tune.mode=min",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
         "--name",
@@ -380,3 +386,11 @@ def test_asha_stops_bad_trials_and_skips_their_evaluations(tmp_path):
     assert evals and not any(
         r.data.tags["ddpm_sweep.train_run_id"] == stopped.info.run_id for r in evals
     )
+    for lr, run in trains.items():  # quality against the step, at every validation
+        quality = client.get_metric_history(run.info.run_id, "eval/sliced_wasserstein")
+        losses = client.get_metric_history(run.info.run_id, "val/loss_simple")
+        assert [m.step for m in quality] == [m.step for m in losses] and quality, lr
+    finished = trains["0.003"]
+    assert len(client.get_metric_history(finished.info.run_id, "eval/sliced_wasserstein")) == 4
+    assert 0 < finished.data.metrics["time/periodic_eval_fraction"] < 1
+    assert finished.data.metrics["time/periodic_eval_s"] > 0
