@@ -392,7 +392,7 @@ def evaluate_chunked(
     labels = eval_labels(ctx.num_classes, eval_cfg.num_samples, per_class)
     n = eval_cfg.num_samples if labels is None else len(labels)
     parts = eval_chunks(labels, n, chunks)
-    x = done = None
+    x = done = last = None
     seconds, measuring, stopped = 0.0, 0.0, False
     start = time.perf_counter()
     drawn = module.sample_chunks(
@@ -414,6 +414,7 @@ def evaluate_chunked(
             {k: float(v) for k, v in metrics.items()}, replicates, ctx.confidence
         )
         measuring += time.perf_counter() - start
+        last = metrics, replicates
         if on_chunk(len(pos), metrics, replicates):
             stopped = True
             break
@@ -421,7 +422,13 @@ def evaluate_chunked(
     drawn.close()
     pos = done.sort().values
     sub = None if labels is None else labels[pos]
-    result = _measure_cell(ctx, datamodule, spec, x[pos], sub, per_class, out_dir, seconds, True)
+    # Stopped: its last partial measurement is its result (no second measurement, and no noise
+    # floor at a size only stopped cells have); drawn to the end: measured as a grid cell is.
+    result = _measure_cell(
+        ctx, datamodule, spec, x[pos], sub, per_class, out_dir, seconds, not stopped
+    )
+    if stopped:
+        result.metrics, result.replicates = last
     result.measure_seconds += measuring
     result.stopped = stopped
     return result

@@ -39,6 +39,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+BATCH_SEED_STRIDE = 1_000_003  # batch b > 0 of a spec of seed s draws from seed s + b x this
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The noise seed of a spec's ``batch``-th batch: the spec's own for the first (a cell of
+    one batch is seeded as it always was), then one apart per batch."""
+    return seed + BATCH_SEED_STRIDE * batch
+
+
 class DiffusionModule(pl.LightningModule):
     def __init__(
         self,
@@ -254,7 +263,9 @@ class DiffusionModule(pl.LightningModule):
         (default: one chunk, in order); each is drawn in batches of ``batch_size``, and every
         spec's generator runs on across batches and chunks: the same chunks give the same
         samples however far one goes, and a cell drawn to the end in chunks is the cell drawn
-        whole with the same chunks."""
+        whole with the same chunks. Each batch's noise is seeded by the spec's seed and the
+        batch's number alone (:func:`batch_seed`), not by how much noise the batches before it
+        drew: cells with different step counts start every batch from the same noise too."""
         if labels is None and num_samples is None:
             raise ValueError("pass labels (a conditional model) or num_samples (unconditional)")
         if labels is not None and self.null_label is None:
@@ -263,11 +274,15 @@ class DiffusionModule(pl.LightningModule):
         n = labels.shape[0] if labels is not None else num_samples
         chunks = [torch.arange(n)] if chunks is None else chunks
         net = self._sampling_net(self.sampling_dtype(precision))
-        gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in specs]
+        gens = [torch.Generator(device=self.device) for _ in specs]
+        batch = 0
         for chunk in chunks:
             drawn: list[list[torch.Tensor]] = [[] for _ in specs]
             for start in range(0, len(chunk), batch_size):
                 index = chunk[start : start + batch_size]
+                for g, s in zip(gens, specs):  # each batch's noise from (seed, batch) alone
+                    g.manual_seed(batch_seed(s.seed, batch))
+                batch += 1
                 was_training = self.net.training
                 self.net.eval()
                 try:
