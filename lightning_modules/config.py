@@ -286,10 +286,6 @@ def periodic_specs(cfg) -> list[SamplingSpec]:
     specs = []
     for cell in cfg.eval.periodic.cells:
         fields = dict(OmegaConf.to_container(cell) if isinstance(cell, DictConfig) else cell)
-        if "guidance" in fields:
-            fields["guidance"] = float(fields["guidance"])
-        if fields.get("guidance_interval") is not None:
-            fields["guidance_interval"] = tuple(fields["guidance_interval"])
         specs.append(SamplingSpec(**(base | fields)))
     return specs
 

@@ -421,25 +421,17 @@ def check_training(
     searched = sweep.searched_axes
     for cell in cells:
         for draw in _representatives(searched):  # each extreme of every searched distribution
-            probe = replace(cell, spec=replace(cell.spec, **_spec_values(draw)))
+            probe = replace(cell, spec=replace(cell.spec, **spec_fields(draw)))
             problem = cell_problem(probe.spec, config)
             if problem:
                 key, message = problem
                 raise fail(f"sample.{key}{message}", f"sample.{key}", _cell_key(sweep, probe, key))
 
 
-def _spec_values(draw: dict[str, Any]) -> dict[str, Any]:
-    """`{"sample.steps": 7}` -> SamplingSpec fields `{"steps": 7}` (a guidance interval as a
-    tuple, a guidance weight as a float)."""
-    out = {}
-    for key, value in draw.items():
-        name = key.split(".", 1)[1]
-        if name == "guidance_interval" and value is not None:
-            value = tuple(value)
-        elif name in ("guidance", "guidance_rescale", "eta"):
-            value = float(value)
-        out[name] = value
-    return out
+def spec_fields(draw: dict[str, Any]) -> dict[str, Any]:
+    """`{"sample.steps": 7}` -> SamplingSpec fields `{"steps": 7}` (the spec normalises the
+    values' types)."""
+    return {key.split(".", 1)[1]: value for key, value in draw.items()}
 
 
 def _check_sampling_axes(sweep: Sweep) -> None:

@@ -51,7 +51,7 @@ from optuna.trial import TrialState
 from lightning_modules.evaluate import evaluate_chunked, prepare_context, sampling_device
 from lightning_modules.evaluation.bootstrap import interval
 
-from .plan import LABEL_SEP, Cell, SearchPlan
+from .plan import LABEL_SEP, Cell, SearchPlan, spec_fields
 from .sweep_config import Axis
 from .tracking import NUMBER_TAG, SEARCHED_TAG, STOPPED_TAG, STUDY_TAG, VALUES_TAG, eval_params
 
@@ -71,17 +71,12 @@ def distribution(axis: Axis) -> BaseDistribution:
 
 def spec_values(search: SearchPlan, values: dict[str, Any]) -> dict[str, Any]:
     """The study's values (`{"eta": 0.41, "variance": 1}`) as SamplingSpec fields."""
-    out = {}
-    for axis, name in zip(search.axes, search.fields):
-        value = values[name]
-        if axis.kind == "choice":
-            value = axis.values[value]
-            if name == "guidance_interval" and value is not None:
-                value = tuple(value)
-        if name in ("guidance", "guidance_rescale", "eta"):
-            value = float(value)
-        out[name] = value
-    return out
+    return spec_fields(
+        {
+            a.key: a.values[values[name]] if a.kind == "choice" else values[name]
+            for a, name in zip(search.axes, search.fields)
+        }
+    )
 
 
 def _shown(name: str, value: Any) -> str:

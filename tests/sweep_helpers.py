@@ -10,6 +10,42 @@ from collections import Counter
 from pathlib import Path
 
 
+def plan_and_fit(root: Path, text: str):
+    """A one-training sweep file's plan, that training's config and its fitted result, as a
+    trial has them before it evaluates its cells."""
+    from lightning_modules.train import fit
+    from orchestrator.plan import build_plan
+
+    (root / "sweep.yaml").write_text(text)
+    plan = build_plan(root / "sweep.yaml")
+    (training,) = plan.trainings
+    return plan, training.config, fit(training.config, root, enable_progress_bar=False)
+
+
+def setup_trial(tmp_path, plan, name: str):
+    """What a trial of ``plan`` records into, without Ray: a sqlite MLflow with the sweep's
+    experiment, its parent run and the trial's training run. (client, TrialContext, run id)."""
+    import mlflow
+
+    from orchestrator.trial import TrialContext, _create_run
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment(name)
+    parent = client.create_run(experiment_id).info.run_id
+    ctx = TrialContext(plan, client.tracking_uri, experiment_id, parent)
+    train_run = _create_run(client, ctx, "train t", "train", {})
+    return client, ctx, train_run
+
+
+def eval_runs(client, ctx) -> list:
+    """The evaluation runs a trial recorded."""
+    return [
+        r
+        for r in client.search_runs([ctx.experiment_id])
+        if r.data.tags.get("ddpm_sweep.role") == "eval"
+    ]
+
+
 def runs_of(client, name):
     exp = client.get_experiment_by_name(name)
     return [] if exp is None else client.search_runs([exp.experiment_id], max_results=500)

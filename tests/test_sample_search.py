@@ -8,9 +8,9 @@ import json
 from collections import Counter
 from dataclasses import replace
 
-import mlflow
 import pytest
 import torch
+from sweep_helpers import eval_runs, plan_and_fit, setup_trial
 
 from lightning_modules.evaluate import (
     eval_chunks,
@@ -19,12 +19,10 @@ from lightning_modules.evaluate import (
     evaluate_group,
     prepare_context,
 )
-from lightning_modules.train import fit
 from orchestrator import sample_search
-from orchestrator.plan import build_plan
 from orchestrator.sample_search import CellStudy
 from orchestrator.tracking import NUMBER_TAG, STOPPED_TAG, STUDY_TAG, VALUES_TAG
-from orchestrator.trial import CELL_TAG, EvalLabels, TrialContext, _create_run, evaluate_cells
+from orchestrator.trial import CELL_TAG, EvalLabels, evaluate_cells
 
 SWEEP = """
 name: searched
@@ -46,28 +44,7 @@ sample_search: {cells: 5, chunks: 4, seed: 3}
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fit")
-    (root / "sweep.yaml").write_text(SWEEP)
-    plan = build_plan(root / "sweep.yaml")
-    (training,) = plan.trainings
-    return plan, training.config, fit(training.config, root, enable_progress_bar=False)
-
-
-def setup_trial(tmp_path, plan):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.create_experiment("searched")
-    parent = client.create_run(experiment_id).info.run_id
-    ctx = TrialContext(plan, client.tracking_uri, experiment_id, parent)
-    train_run = _create_run(client, ctx, "train t", "train", {})
-    return client, ctx, train_run
-
-
-def eval_runs(client, ctx):
-    return [
-        r
-        for r in client.search_runs([ctx.experiment_id])
-        if r.data.tags.get("ddpm_sweep.role") == "eval"
-    ]
+    return plan_and_fit(tmp_path_factory.mktemp("fit"), SWEEP)
 
 
 def counting(monkeypatch, fail_at: int | None = None):
@@ -171,7 +148,7 @@ def test_paired_pruner_stops_a_cell_clearly_worse_than_the_best_at_the_same_chun
 
 def test_each_study_cell_is_a_run_and_stopped_cells_say_so(fitted, tmp_path):
     plan, cfg, result = fitted
-    client, ctx, train_run = setup_trial(tmp_path, plan)
+    client, ctx, train_run = setup_trial(tmp_path, plan, "searched")
     summary = evaluate_cells(
         client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run, EvalLabels("t", {})
     )
@@ -212,11 +189,11 @@ def test_a_resumed_study_continues_without_sampling_a_finished_cell_again(
     plan, cfg, result = fitted
     labels = EvalLabels("t", {})
     # Uninterrupted, for reference: the values a seeded study proposes.
-    client, ctx, train_run = setup_trial(tmp_path / "ref", plan)
+    client, ctx, train_run = setup_trial(tmp_path / "ref", plan, "searched")
     evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "r", train_run, labels)
     reference = {r.data.tags[CELL_TAG]: r.data.tags[VALUES_TAG] for r in eval_runs(client, ctx)}
 
-    client, ctx, train_run = setup_trial(tmp_path / "cut", plan)
+    client, ctx, train_run = setup_trial(tmp_path / "cut", plan, "searched")
     sampled = counting(monkeypatch, fail_at=3)  # killed inside the first study's cell #3
     with pytest.raises(KeyboardInterrupt):
         evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run, labels)

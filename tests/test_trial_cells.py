@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-import mlflow
 import pytest
+from sweep_helpers import eval_runs, plan_and_fit, setup_trial
 
-from lightning_modules.train import fit
 from orchestrator import trial
-from orchestrator.plan import build_plan
-from orchestrator.trial import CELL_TAG, TrialContext, _create_run, evaluate_cells
+from orchestrator.trial import CELL_TAG, _create_run, evaluate_cells
 
 SWEEP = """
 name: cells
@@ -31,20 +29,7 @@ search:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fit")
-    (root / "sweep.yaml").write_text(SWEEP)
-    plan = build_plan(root / "sweep.yaml")
-    (training,) = plan.trainings
-    return plan, training.config, fit(training.config, root, enable_progress_bar=False)
-
-
-def setup_trial(tmp_path, plan):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.create_experiment("cells")
-    parent = client.create_run(experiment_id).info.run_id
-    ctx = TrialContext(plan, client.tracking_uri, experiment_id, parent)
-    train_run = _create_run(client, ctx, "train t", "train", {})
-    return client, ctx, train_run
+    return plan_and_fit(tmp_path_factory.mktemp("fit"), SWEEP)
 
 
 def counting(monkeypatch):
@@ -59,19 +44,11 @@ def counting(monkeypatch):
     return sampled
 
 
-def eval_runs(client, ctx):
-    return [
-        r
-        for r in client.search_runs([ctx.experiment_id])
-        if r.data.tags.get("ddpm_sweep.role") == "eval"
-    ]
-
-
 def test_resumed_cells_skip_finished_ones_before_sampling_and_redo_a_half_done_one(
     tmp_path, fitted, monkeypatch
 ):
     plan, cfg, result = fitted
-    client, ctx, train_run = setup_trial(tmp_path, plan)
+    client, ctx, train_run = setup_trial(tmp_path, plan, "cells")
     # An earlier attempt finished cell w=0, and was killed inside cell w=1: its run was opened
     # (RUNNING, no params, no metrics, no PNG) but never finished.
     sampled = counting(monkeypatch)
@@ -130,7 +107,7 @@ def test_cells_drawn_together_on_a_gpu_get_their_own_runs_and_the_same_metrics(
     """On a GPU the cells of one variance and step count are drawn in one batch
     (guidance_groups); each still gets its own run, and measures what it measures alone."""
     plan, cfg, result = fitted
-    client, ctx, train_run = setup_trial(tmp_path, plan)
+    client, ctx, train_run = setup_trial(tmp_path, plan, "cells")
     alone = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "a", train_run)
     real = trial.guidance_groups
     groups = []
@@ -140,7 +117,7 @@ def test_cells_drawn_together_on_a_gpu_get_their_own_runs_and_the_same_metrics(
         return groups
 
     monkeypatch.setattr(trial, "guidance_groups", as_on_a_gpu)
-    client, ctx, train_run = setup_trial(tmp_path / "g", plan)
+    client, ctx, train_run = setup_trial(tmp_path / "g", plan, "cells")
     together = evaluate_cells(client, ctx, plan.cells, cfg, result, tmp_path / "b", train_run)
     assert [[s.guidance for s in g] for g in groups] == [[0.0, 1.0, 2.0]]
     runs = eval_runs(client, ctx)

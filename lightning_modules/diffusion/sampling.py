@@ -114,6 +114,10 @@ class SamplingSpec:
     def __post_init__(self):
         if self.guidance_interval is not None:  # a list from a config is a tuple here
             object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+        for name in ("guidance", "eta", "guidance_rescale"):  # `w: 3` from YAML is 3.0 here
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
 
     def check(self, process: GaussianDiffusion) -> SamplingSpec:
         """Raise ValueError for a value no sampler of ``process`` accepts."""
