@@ -11,11 +11,16 @@ through ``pl_module.log``, so the run's logger records them at the step and the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import tempfile
 import time
+from collections.abc import Iterator
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 
 from .config import periodic_specs
@@ -31,6 +36,22 @@ def periodic_key(metric: str, spec: SamplingSpec, first: bool) -> str:
     if first:
         return f"eval/{metric}"
     return f"eval/{metric}/w{spec.guidance:g}_{spec.variance}_{spec.steps}steps"
+
+
+@contextlib.contextmanager
+def untouched_rng(device: torch.device) -> Iterator[None]:
+    """Leave the training's random streams (torch's on the CPU and the device, NumPy's,
+    Python's) as they were: the evaluation draws from its own seeded generators, but what it
+    sets up on first use (a classifier trained once, data drawn) may draw from the global ones,
+    which would change what the run trains next."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 class PeriodicEvaluation(pl.Callback):
@@ -58,12 +79,14 @@ class PeriodicEvaluation(pl.Callback):
 
         start = time.perf_counter()
         if self.context is None:  # the classifier and real images, once per run
-            self.context = prepare_context(
-                trainer.datamodule, self.eval_cfg, device=sampling_device(self.cfg)
-            )
+            # Validation runs under inference mode; a classifier not yet cached trains here.
+            with untouched_rng(pl_module.device), torch.inference_mode(False), torch.enable_grad():
+                self.context = prepare_context(
+                    trainer.datamodule, self.eval_cfg, device=sampling_device(self.cfg)
+                )
         s = self.cfg.sample
         results = []
-        with tempfile.TemporaryDirectory() as tmp:
+        with untouched_rng(pl_module.device), tempfile.TemporaryDirectory() as tmp:
             for spec in self.specs:
                 results += evaluate_group(
                     pl_module, trainer.datamodule, [spec], self.eval_cfg, tmp,

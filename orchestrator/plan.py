@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning_modules.config import (
     CELL_LISTS,
     ConfigError,
+    periodic_specs,
     sampling_specs,
     validate_config,
     validate_sample_config,
@@ -98,6 +99,7 @@ class Costs:
     naive_trainings: int  # a grid over every axis trains once per pair
     training_steps: int  # summed over the trainings
     sampling_forwards: int  # network forward passes of one example, summed over every pair
+    periodic_forwards: int = 0  # the same for eval.periodic, over every training
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -198,6 +200,11 @@ class Plan:
             f"evaluated pairs: {c.evaluated_pairs} (a naive grid over every axis would train "
             f"{c.naive_trainings} times); training steps: {c.training_steps:,}; sampling: "
             f"{'at most ' if search else ''}{c.sampling_forwards:,} network forwards"
+            + (
+                f" (+ {c.periodic_forwards:,} for eval.periodic during training)"
+                if c.periodic_forwards
+                else ""
+            )
         )
         return "\n".join(lines)
 
@@ -572,6 +579,16 @@ def _costs(
             steps = spec.steps or t.config.diffusion.timesteps
             passes = 1 if spec.guidance in (0, 1) else 2  # CFG: a doubled batch
             forwards += examples * steps * passes * per_study
+    periodic = 0
+    for t in trainings:
+        p = t.config.eval.periodic
+        if p.every_n_steps:
+            n = eval_labels(classes, p.num_samples, t.config.sample.per_class)
+            size = p.num_samples if n is None else len(n)
+            for spec in periodic_specs(t.config):
+                passes = 1 if spec.guidance in (0, 1) else 2
+                steps = spec.steps or t.config.diffusion.timesteps
+                periodic += (t.config.train.max_steps // p.every_n_steps) * size * steps * passes
     n_cells = len(cells) * per_study
     return Costs(
         trainings=n_trainings,
@@ -580,6 +597,7 @@ def _costs(
         naive_trainings=n_trainings * n_cells,
         training_steps=sweep.tune.num_samples * sum(t.config.train.max_steps for t in trainings),
         sampling_forwards=sweep.tune.num_samples * forwards,
+        periodic_forwards=sweep.tune.num_samples * periodic,
     )
 
 

@@ -56,7 +56,13 @@ def _searcher(sweep: Sweep):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=sweep.tune.seed)
-    return None  # grid and random: Tune's BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator
+
+    # Grid and random: Tune's own generator, given tune.seed (left to Tune, it is unseeded and
+    # random search draws other points each run) and the concurrency limit itself.
+    return BasicVariantGenerator(
+        max_concurrent=sweep.tune.max_concurrent_trials, random_state=sweep.tune.seed
+    )
 
 
 def _scheduler(sweep: Sweep):
@@ -217,7 +223,8 @@ def _tuner(
             metric=t.metric,
             mode=t.mode,
             num_samples=t.num_samples,
-            max_concurrent_trials=t.max_concurrent_trials,
+            # The generator limits itself (max_concurrent); Optuna gets Tune's limiter.
+            max_concurrent_trials=t.max_concurrent_trials if t.search_alg == "bayes" else None,
             search_alg=_searcher(sweep),
             scheduler=_scheduler(sweep),
             reuse_actors=t.reuse_actors,

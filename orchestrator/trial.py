@@ -73,8 +73,12 @@ class TuneReportCallback(pl.Callback):
     checkpoint (``pending_metrics.json``) for the trial resumed from it to log.
     """
 
-    def __init__(self, run_id: str, logger: DurableMLFlowLogger, timer: PhaseTimer):
+    def __init__(
+        self, run_id: str, logger: DurableMLFlowLogger, timer: PhaseTimer, started: float = 0.0
+    ):
         self.run_id, self.logger, self.timer = run_id, logger, timer
+        self.started = started or time.perf_counter()  # the trial's start (perf_counter)
+        self.cost: dict[str, float] = {}  # the periodic evaluation's, as last reported
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ray import tune
@@ -83,6 +87,10 @@ class TuneReportCallback(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["step"] = trainer.global_step
+        # Every report carries the periodic evaluation's cost so far: a trial that Tune stops
+        # never reaches its final report.
+        self.cost = periodic_cost(trainer, self.started)
+        metrics |= self.cost
         with self.timer("checkpoint"), tempfile.TemporaryDirectory() as tmp:
             trainer.save_checkpoint(Path(tmp) / "last.ckpt")
             (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
@@ -123,6 +131,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     import ray
     from ray import tune
 
+    started = time.perf_counter()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     # MLflow fetches a whole run to print its UI link when a server-tracked run ends: 13-15 ms
     # a cell for a line in a worker's log (benchmarks/tracking_scale.py).
@@ -166,6 +175,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     client.set_tag(run_id, "ddpm_sweep.node_id", node_id)  # which Ray node trained it
     with timer("mlflow"):
         logger = DurableMLFlowLogger(ctx.tracking_uri, run_id, client, carried)
+    reporter = TuneReportCallback(run_id, logger, timer, started)
     try:
         with timer("build"):
             experiment = build_experiment(cfg)
@@ -174,14 +184,17 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
                 cfg,
                 root,
                 logger=logger,
-                callbacks=[TuneReportCallback(run_id, logger, timer)],
+                callbacks=[reporter],
                 experiment=experiment,
                 ckpt_path=ckpt_path,
                 enable_progress_bar=False,
                 enable_model_summary=False,
             )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
-        periodic = periodic_cost(result, timer, client, run_id)
+        periodic = periodic_cost(result.trainer, started)
+        if periodic:  # its seconds counted apart from fit's, and in the training run
+            timer.move(periodic["time/periodic_eval_s"], "fit", "periodic_eval")
+            log_now(client, run_id, periodic)
         cells = ctx.plan.cells_for(params)
         with timer("evaluate"):
             summary = evaluate_cells(
@@ -191,6 +204,7 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
         # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
         # killing the process. Stopped, not failed; its evaluations are not run.
+        log_now(client, run_id, reporter.cost)
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
@@ -204,24 +218,24 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
     tune.report(final | timer.report() | periodic | {"node_id": node_id})
 
 
-def periodic_cost(result, timer: PhaseTimer, client, run_id: str) -> dict[str, float]:
-    """What the periodic evaluation (eval.periodic) cost this attempt of the trial: its seconds,
-    counted apart from ``fit``'s, and their fraction of the trial's time so far; logged to the
-    training run and returned for Tune (empty without periodic evaluation)."""
-    callback = next(
-        (c for c in result.trainer.callbacks if isinstance(c, PeriodicEvaluation)), None
-    )
+def periodic_cost(trainer: pl.Trainer, started: float) -> dict[str, float]:
+    """What the periodic evaluation (eval.periodic) has cost this attempt of the trial so far:
+    its seconds and their fraction of the trial's time (empty without periodic evaluation)."""
+    callback = next((c for c in trainer.callbacks if isinstance(c, PeriodicEvaluation)), None)
     if callback is None:
         return {}
-    timer.move(callback.seconds, "fit", "periodic_eval")
-    total = sum(timer.seconds.values())
-    cost = {
+    elapsed = time.perf_counter() - started
+    return {
         "time/periodic_eval_s": callback.seconds,
-        "time/periodic_eval_fraction": callback.seconds / total if total else 0.0,
+        "time/periodic_eval_fraction": callback.seconds / elapsed if elapsed > 0 else 0.0,
     }
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in cost.items()])
-    return cost
+
+
+def log_now(client, run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics of the run as a whole (step 0, now)."""
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
 
 
 def trial_index(trial_name: str) -> int | None:

@@ -4,6 +4,8 @@ callback metrics for Tune; its cells resolved from the config."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers.logger import Logger
@@ -92,8 +94,45 @@ def test_quality_is_logged_at_the_chosen_validations_with_the_ema_weights(traine
     assert callback.evaluations == 2 and callback.seconds == pytest.approx(seconds[-1])
 
 
+@pytest.mark.slow
+def test_measuring_during_training_does_not_change_what_is_trained(tmp_path):
+    """The evaluation keeps the training's random streams as they were: the same run without it
+    has the same validation losses, step for step. On images its first use trains the eval
+    classifier (a fresh cache: under validation's inference mode) or builds it from the cache
+    (its layers' initialisation draws from torch's global generator)."""
+    config = {
+        "data": {"name": "digits", "batch_size": 32},
+        "network": {"name": "unet", "preset": "digits"},
+        "diffusion": {"timesteps": 100},
+        "train": {"max_steps": 40, "val_every_n_steps": 10, "bpd_subset": 0, "warmup_steps": 5},
+        "eval": {"cache_dir": str(tmp_path / "cache")},
+    }
+    periodic = {"every_n_steps": 10, "num_samples": 20, "cells": [{"steps": 5}]}
+    logs = []
+    for eval_cfg in ({"periodic": periodic}, {}, {"periodic": periodic}):  # trained, -, cached
+        cfg = load_config(config | {"eval": config["eval"] | eval_cfg})
+        logs.append(Recorder())
+        fit(cfg, tmp_path / str(len(logs)), logger=logs[-1], enable_progress_bar=False)
+    trained, plain, cached = logs
+    assert len(cached.history("eval/fid")) == 4 and not plain.history("eval/fid")
+    assert cached.history("eval/fid") == trained.history("eval/fid")
+    assert trained.history("val/loss_simple") == plain.history("val/loss_simple")
+    assert cached.history("val/loss_simple") == plain.history("val/loss_simple")
+
+
 def test_no_periodic_evaluation_unless_asked():
     cfg = load_config(CONFIG | {"eval": {}})
     from lightning_modules.train import build_callbacks
 
     assert not any(isinstance(c, PeriodicEvaluation) for c in build_callbacks(cfg, None))
+
+
+def test_plan_counts_the_periodic_evaluation_in_its_cost():
+    from orchestrator.plan import build_plan
+
+    sweep = Path(__file__).parents[1] / "sweeps" / "mixture_quick.yaml"
+    plan = build_plan(sweep, ["base.eval.periodic.every_n_steps=100"])
+    # 2 trainings x 300 // 100 evaluations x 104 samples (13 of each of 8 modes) x 10 steps
+    assert plan.costs.periodic_forwards == 2 * 3 * 104 * 10
+    assert "(+ 6,240 for eval.periodic during training)" in plan.table()
+    assert build_plan(sweep).costs.periodic_forwards == 0

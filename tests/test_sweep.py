@@ -58,6 +58,28 @@ def test_plan_trains_once_per_training_configuration():
     assert "trainings: 3" in plan.table() and "w4_fixed_small_25steps" in plan.table()
 
 
+def test_random_search_draws_the_same_points_for_the_same_tune_seed():
+    """tune.seed seeds Tune's generator (left to Tune, random search is unseeded), which also
+    holds the sweep's concurrency limit."""
+    from ray.tune.registry import register_trainable
+
+    from orchestrator.sweep import _searcher, tune_space
+
+    register_trainable("seeded", lambda config: None)
+
+    def draws(seed):
+        sweep = build_plan(SWEEPS / "asha_search.yaml", [f"tune.seed={seed}"]).sweep
+        generator = _searcher(sweep)
+        space = {"run": "seeded", "config": tune_space(sweep.training_axes), "num_samples": 5}
+        generator.add_configurations({"x": space})
+        trials = iter(generator.next_trial, None)
+        return [tuple(sorted(t.config.items())) for t in trials]
+
+    first = draws(0)
+    assert len(first) == 2  # max_concurrent_trials: the generator limits itself
+    assert draws(0) == first and draws(1) != first
+
+
 def test_scalar_sampling_axes_multiply_the_cells_and_name_them():
     text = (
         (SWEEPS / "mixture_quick.yaml")
@@ -390,6 +412,7 @@ def test_asha_on_sample_quality_stops_bad_trials_and_skips_their_evaluations(tmp
         quality = client.get_metric_history(run.info.run_id, "eval/sliced_wasserstein")
         losses = client.get_metric_history(run.info.run_id, "val/loss_simple")
         assert [m.step for m in quality] == [m.step for m in losses] and quality, lr
+    assert stopped.data.metrics["time/periodic_eval_s"] > 0  # its cost, though it never ended
     finished = trains["0.003"]
     assert len(client.get_metric_history(finished.info.run_id, "eval/sliced_wasserstein")) == 4
     assert 0 < finished.data.metrics["time/periodic_eval_fraction"] < 1
