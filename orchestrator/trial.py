@@ -78,7 +78,6 @@ class TuneReportCallback(pl.Callback):
     ):
         self.run_id, self.logger, self.timer = run_id, logger, timer
         self.started = started or time.perf_counter()  # the trial's start (perf_counter)
-        self.cost: dict[str, float] = {}  # the periodic evaluation's, as last reported
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ray import tune
@@ -87,10 +86,12 @@ class TuneReportCallback(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["step"] = trainer.global_step
-        # Every report carries the periodic evaluation's cost so far: a trial that Tune stops
-        # never reaches its final report.
-        self.cost = periodic_cost(trainer, self.started)
-        metrics |= self.cost
+        # Every report, and the run at every validation, carries the periodic evaluation's cost
+        # so far: a trial that Tune stops (its process ended, or not) never reaches its end.
+        cost = periodic_cost(trainer, self.started)
+        metrics |= cost
+        if cost:
+            self.logger.log_metrics(cost, step=trainer.global_step)
         with self.timer("checkpoint"), tempfile.TemporaryDirectory() as tmp:
             trainer.save_checkpoint(Path(tmp) / "last.ckpt")
             (Path(tmp) / RUN_ID_FILE).write_text(self.run_id)
@@ -192,9 +193,8 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
             )
         client.log_artifact(run_id, str(result.checkpoint), "checkpoints")
         periodic = periodic_cost(result.trainer, started)
-        if periodic:  # its seconds counted apart from fit's, and in the training run
+        if periodic:  # its seconds counted apart from fit's (in the run since each validation)
             timer.move(periodic["time/periodic_eval_s"], "fit", "periodic_eval")
-            log_now(client, run_id, periodic)
         cells = ctx.plan.cells_for(params)
         with timer("evaluate"):
             summary = evaluate_cells(
@@ -204,7 +204,6 @@ def train_and_evaluate(params: dict[str, Any], ctx: TrialContext) -> None:
         # Tune stopped the trial (ASHA, a stopper): tune.report ends the trial's thread with
         # sys.exit(0) when its process is kept for the next trial (reuse_actors), instead of
         # killing the process. Stopped, not failed; its evaluations are not run.
-        log_now(client, run_id, reporter.cost)
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
@@ -229,13 +228,6 @@ def periodic_cost(trainer: pl.Trainer, started: float) -> dict[str, float]:
         "time/periodic_eval_s": callback.seconds,
         "time/periodic_eval_fraction": callback.seconds / elapsed if elapsed > 0 else 0.0,
     }
-
-
-def log_now(client, run_id: str, metrics: dict[str, float]) -> None:
-    """Metrics of the run as a whole (step 0, now)."""
-    if metrics:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
 
 
 def trial_index(trial_name: str) -> int | None:
