@@ -316,7 +316,7 @@ def validate_periodic(cfg, where: str = "config", prefix: str = "") -> None:
         "a non-empty list of cells, each a mapping of sample keys (e.g. [{guidance: 1, steps: "
         "10}])",
     )
-    allowed = [k for k in SAMPLING_SPEC_KEYS]
+    allowed = list(SAMPLING_SPEC_KEYS)
     for i, cell in enumerate(cells):
         at = f"{key}.cells[{i}]"
         if not isinstance(cell, (dict, DictConfig)):

@@ -31,7 +31,7 @@ from .evaluation import (
     save_points_plot,
     save_sample_grid,
 )
-from .evaluation.bootstrap import Resamples, with_intervals
+from .evaluation.bootstrap import Resamples, by_label, with_intervals
 from .module import DiffusionModule
 from .train import trains_on_gpu
 
@@ -345,17 +345,13 @@ def eval_chunks(labels: torch.Tensor | None, n: int, chunks: int) -> list[torch.
     """The positions of n samples split into ``chunks`` parts, each with its share of every
     class: the eval labels are class-major, so a prefix would hold the first classes only. Class
     c's positions are split at floor(j * n_c / chunks); without labels, 0..n-1 in order."""
-    groups = [torch.arange(n)] if labels is None else _by_class(labels)
+    groups = [torch.arange(n)] if labels is None else by_label(labels)
     parts = [[] for _ in range(chunks)]
     for members in groups:
         bounds = [j * len(members) // chunks for j in range(chunks + 1)]
         for j in range(chunks):
             parts[j].append(members[bounds[j] : bounds[j + 1]])
     return [torch.cat(p) for p in parts]
-
-
-def _by_class(labels: torch.Tensor) -> list[torch.Tensor]:
-    return [(labels == c).nonzero().flatten() for c in labels.unique(sorted=True)]
 
 
 # What a caller of evaluate_chunked answers after each chunk but the last, given (samples so far,
@@ -383,8 +379,8 @@ def evaluate_chunked(
     :func:`evaluate_group` draws with the same ``chunks`` (same noise, labels and samples). Its
     partial measurements are paired with every other cell's at the same chunk: the same
     positions, labels and noise, and the bootstrap counts of :meth:`EvalContext.resamples` for
-    that many samples of the spec's seed. A stopped cell's result is measured on the samples it
-    reached (``samples``, ``stopped``)."""
+    that many samples of the spec's seed. A stopped cell's result is its last partial
+    measurement, of the samples it reached (``samples``, ``stopped``)."""
     out_dir = Path(out_dir)
     device = sampling_device(module.cfg)
     module.to(device)

@@ -260,12 +260,12 @@ class DiffusionModule(pl.LightningModule):
         """Draw the N samples chunk by chunk, yielding (the chunk's positions, each spec's
         samples there) as each chunk is done, so that a caller can measure a cell on its first
         chunks and stop it early. ``chunks`` are position index tensors covering 0..N-1 once
-        (default: one chunk, in order); each is drawn in batches of ``batch_size``, and every
-        spec's generator runs on across batches and chunks: the same chunks give the same
-        samples however far one goes, and a cell drawn to the end in chunks is the cell drawn
-        whole with the same chunks. Each batch's noise is seeded by the spec's seed and the
-        batch's number alone (:func:`batch_seed`), not by how much noise the batches before it
-        drew: cells with different step counts start every batch from the same noise too."""
+        (default: one chunk, in order); each is drawn in batches of ``batch_size``. Each batch's
+        noise is seeded by the spec's seed and the batch's number alone (:func:`batch_seed`),
+        not by how much noise the batches before it drew: the same chunks give the same samples
+        however far one goes, a cell drawn to the end in chunks is the cell drawn whole with the
+        same chunks, and cells with different step counts start every batch from the same
+        noise."""
         if labels is None and num_samples is None:
             raise ValueError("pass labels (a conditional model) or num_samples (unconditional)")
         if labels is not None and self.null_label is None:

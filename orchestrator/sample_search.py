@@ -13,9 +13,8 @@ keys left open) is one study. Inside the trial, after training:
   cell of a training starts from the same noise and labels, so after chunk j two cells are
   measured on the same positions with the same bootstrap counts: their difference has a
   paired interval. The ``paired`` pruner stops a cell once that interval says it is worse than
-  the best cell so far at the same chunk (at the sweep's confidence over all of a cell's looks:
-  Bonferroni) (``halving`` and ``median`` are Optuna's pruners on the
-  partial values);
+  the best cell so far at the same chunk, at the sweep's confidence over all of a cell's looks
+  (Bonferroni); ``halving`` and ``median`` are Optuna's pruners on the partial values;
 - **record**: the cell's run has the grid cells' metrics, intervals, floor, PNG and
   ``bootstrap.json``, plus ``samples`` (how many its metrics are of) and, per chunk,
   ``<metric>_partial`` against the samples drawn. A stopped cell's run ends KILLED with the tag

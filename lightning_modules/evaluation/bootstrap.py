@@ -43,7 +43,7 @@ def resample_counts(n: int, num_resamples: int, seed: int, strata: Tensor | None
     (n, strata, B, seed) give the same counts, which is what pairs two cells."""
     generator = torch.Generator().manual_seed(int(seed))
     counts = torch.zeros(num_resamples, n, dtype=torch.float64)
-    groups = [torch.arange(n)] if strata is None else _strata(strata.cpu())
+    groups = [torch.arange(n)] if strata is None else by_label(strata.cpu())
     for members in groups:
         draws = torch.randint(len(members), (num_resamples, len(members)), generator=generator)
         counts.scatter_add_(1, members[draws], torch.ones_like(draws, dtype=torch.float64))
@@ -75,7 +75,8 @@ class Resamples:
         return self._real[n_real]
 
 
-def _strata(labels: Tensor) -> list[Tensor]:
+def by_label(labels: Tensor) -> list[Tensor]:
+    """The positions of each label's items, by label in sorted order."""
     return [(labels == c).nonzero().flatten() for c in labels.unique(sorted=True)]
 
 
